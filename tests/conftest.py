@@ -1,4 +1,17 @@
+import os
+
+# Both implementations get one BLAS / intra-op thread per pytest-xdist worker: with
+# `-n auto` on 2 cores, more threads than cores only makes torch's OpenMP pool thrash.
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
 import pytest
+
+try:
+    import torch
+    torch.set_num_threads(1)
+except ImportError:  # manual/ runs without torch
+    pass
 
 
 def pytest_addoption(parser):

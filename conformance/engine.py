@@ -1,0 +1,286 @@
+"""The conformance engine: one checkpoint, two implementations, every named tensor compared.
+
+For one `Case` (a config, a seed and a batch shape) `run_case` does, in this order:
+
+    1. writes one checkpoint (manual.checkpoint.save_model of registry.init_params(cfg, seed))
+       and loads it into manual.Model and reference.Model;
+    2. param_count       manual = reference = closed form, per tensor and in total;
+    3. logits, loss      one forward on identical ids and targets (PAD among the targets);
+    4. activation        every tap, in forward order;
+    5. activation_grad   every tap gradient, in backward order; param_grad every parameter gradient;
+    6. optimizer         20 steps of AdamW (decay groups + global-norm clipping) and 20 of SGD
+                         with momentum, from the same checkpoint and batches: loss, every
+                         parameter and every piece of optimizer state after each step;
+    7. generation        greedy 30 tokens, and temperature + top-k sampling driven by one shared
+                         stream of uniform draws, token for token;
+    8. memory            parameter / gradient / optimizer-state bytes equal in both and equal to
+                         closed forms; manual activation bytes equal to manual/memory.py's closed
+                         form; manual / reference (autograd saved tensors) ratio <= 1; tracemalloc
+                         peak of forward + backward within 10% of the predicted peak.
+
+Every comparison goes through conformance.compare.compare (or compare_exact for integers).
+The manual side is the one under test (`a`), the reference is `b`.
+
+`Sides` lets a caller swap in another implementation for the manual side (the gradient
+debugger's fault injection does exactly that), so the suite's failure can be proved.
+"""
+from __future__ import annotations
+
+import gc
+import tempfile
+import tracemalloc
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from manual import registry
+from manual.checkpoint import save_model
+from manual.config import ModelConfig
+
+from .compare import Comparison, compare, compare_exact
+
+CHECKS = ("param_count", "logits", "loss", "activation", "activation_grad", "param_grad",
+          "optimizer", "generation", "memory")
+
+OPT_STEPS = 20
+GEN_TOKENS = 30
+
+
+@dataclass
+class Case:
+    label: str
+    cfg: ModelConfig
+    seed: int = 0
+    batch: int = 2
+    seq_len: int | None = None       # None: max_seq_len
+    pad: bool = True                 # put PAD among the targets
+    opt_steps: int = OPT_STEPS
+    gen_tokens: int = GEN_TOKENS
+
+    @property
+    def T(self) -> int:
+        return self.cfg.max_seq_len if self.seq_len is None else self.seq_len
+
+    def name(self) -> str:
+        return f"{self.label}/{self.cfg.dtype[-2:]}"
+
+
+@dataclass
+class Sides:
+    """The two implementations being compared (classes with the Model interface)."""
+    manual: type = None
+    reference: type = None
+    manual_optim: object = None      # module with SGD, AdamW, clip_grad_norm_
+    manual_generate: object = None
+    notes: dict = field(default_factory=dict)
+
+    @classmethod
+    def default(cls) -> "Sides":
+        import manual
+        import manual.optim
+        import manual.sampling
+        import reference
+        return cls(manual=manual.Model, reference=reference.Model, manual_optim=manual.optim,
+                   manual_generate=manual.sampling.generate)
+
+
+# -- data -------------------------------------------------------------------------------
+
+def make_batch(cfg: ModelConfig, B: int, T: int, seed: int, pad: bool = True):
+    """Identical ids and targets for both sides. Targets avoid PAD except where placed on purpose."""
+    rng = np.random.default_rng(10_000 + seed)
+    ids = rng.integers(0, cfg.vocab_size, size=(B, T), dtype=np.int64)              # (B, T)
+    non_pad = np.array([v for v in range(cfg.vocab_size) if v != cfg.pad_id], dtype=np.int64)
+    targets = non_pad[rng.integers(0, len(non_pad), size=(B, T))] if len(non_pad) else \
+        np.full((B, T), cfg.pad_id, dtype=np.int64)                                 # (B, T)
+    if pad and T > 1:
+        # the tail of the last row is padding, as a short final window would be
+        targets[-1, T - max(1, T // 4):] = cfg.pad_id
+    return ids, targets
+
+
+# -- the checks -------------------------------------------------------------------------------
+
+def _label(case: Case) -> str:
+    return case.name()
+
+
+def check_param_count(case, m, r) -> list[Comparison]:
+    cfg, out = case.cfg, []
+    closed = registry.param_count_closed_form(cfg)
+    out.append(compare_exact(m.num_params(), closed, tensor="total (manual vs closed form)",
+                             check="param_count", config=_label(case)))
+    out.append(compare_exact(r.num_params(), closed, tensor="total (reference vs closed form)",
+                             check="param_count", config=_label(case)))
+    for spec in registry.param_specs(cfg):
+        shape = registry.resolve(spec, cfg)
+        want = int(np.prod(shape))
+        a = m.params[spec.name].size if spec.name in m.params else -1
+        b = r.params[spec.name].size if spec.name in r.params else -1
+        c = compare_exact(a, b, tensor=spec.name, check="param_count", config=_label(case))
+        if c.passed and a != want:
+            c.passed, c.note = False, f"both sides have {a} elements, the registry says {want} {shape}"
+        out.append(c)
+    extra = sorted((set(m.params) | set(r.params)) - {s.name for s in registry.param_specs(cfg)})
+    for name in extra:
+        out.append(Comparison(config=_label(case), check="param_count", tensor=name, passed=False,
+                              note="parameter not in the registry"))
+    return out
+
+
+def check_forward_backward(case, m, r, ids, targets, want=CHECKS) -> list[Comparison]:
+    cfg, lab, out = case.cfg, _label(case), []
+    dt = np.dtype(cfg.dtype)
+    m.zero_grad()
+    r.zero_grad()
+    lm = m.forward(ids, targets)
+    lr = r.forward(ids, targets)
+    if "loss" in want:
+        out.append(compare(np.asarray(lm, dtype=dt), np.asarray(lr, dtype=dt), tensor="loss", check="loss",
+                           config=lab, expect_dtype=dt))
+    if "logits" in want:
+        out.append(compare(m.logits, r.logits, tensor="logits", check="logits", config=lab, expect_dtype=dt))
+    specs = registry.tap_specs(cfg)
+    if "activation" in want:
+        for s in specs:
+            out.append(compare(m.taps.get(s.name, _missing()), r.taps.get(s.name, _missing()), tensor=s.name,
+                               check="activation", config=lab, expect_dtype=dt))
+    if "activation_grad" in want or "param_grad" in want:
+        m.backward()
+        r.backward()
+    if "activation_grad" in want:
+        for s in reversed(specs):
+            out.append(compare(m.tap_grads.get(s.name, _missing()), r.tap_grads.get(s.name, _missing()),
+                               tensor=s.name, check="activation_grad", config=lab, expect_dtype=dt))
+    if "param_grad" in want:
+        for s in reversed(registry.param_specs(cfg)):
+            out.append(compare(m.grads.get(s.name, _missing()), r.grads.get(s.name, _missing()),
+                               tensor=s.name, check="param_grad", config=lab, expect_dtype=dt))
+    return out
+
+
+def _missing():
+    return np.full((0,), np.nan)  # a shape that never matches: reported as a shape mismatch
+
+
+def trajectory_batches(case: Case, n: int):
+    return [make_batch(case.cfg, case.batch, case.T, case.seed + 1 + s, case.pad) for s in range(n)]
+
+
+def check_optimizer(case, path, sides: Sides) -> list[Comparison]:
+    """20 steps of AdamW (decay groups, clipping) and of SGD with momentum from one checkpoint."""
+    from reference import optim as ropt
+
+    cfg, lab = case.cfg, _label(case)
+    dt = np.dtype(cfg.dtype)
+    batches = trajectory_batches(case, case.opt_steps)
+    out = []
+    runs = [
+        ("adamw", dict(lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8), 1.0),
+        ("sgd", dict(lr=0.1, momentum=0.9, weight_decay=0.01), None),
+    ]
+    for kind, hp, clip in runs:
+        m = sides.manual.load(path)
+        r = sides.reference.load(path)
+        groups = registry.decay_groups(cfg, hp["weight_decay"])
+        if kind == "adamw":
+            mo = sides.manual_optim.AdamW(m.params, m.grads, lr=hp["lr"], betas=hp["betas"], eps=hp["eps"],
+                                          weight_decay=hp["weight_decay"], groups=groups)
+        else:
+            mo = sides.manual_optim.SGD(m.params, m.grads, lr=hp["lr"], momentum=hp["momentum"],
+                                        weight_decay=hp["weight_decay"], groups=groups)
+        ro = ropt.make_optimizer(r, kind=kind, **hp)
+        worst: dict[str, Comparison] = {}
+
+        def keep(c: Comparison, step: int):
+            c.step = step
+            # per tensor: its first failing step if it ever fails, else its worst passing step
+            old = worst.get(c.tensor)
+            if old is None or (old.passed and not c.passed) or \
+                    (old.passed and c.passed and _badness(c) > _badness(old)):
+                worst[c.tensor] = c
+
+        for step, (ids, targets) in enumerate(batches, start=1):
+            mo.zero_grad()
+            r.zero_grad()
+            lm = m.forward(ids, targets)
+            lr_ = r.forward(ids, targets)
+            keep(compare(np.asarray(lm, dt), np.asarray(lr_, dt), tensor=f"{kind}.loss", check="optimizer",
+                         config=lab, expect_dtype=dt), step)
+            m.backward()
+            r.backward()
+            if clip is not None:
+                nm = sides.manual_optim.clip_grad_norm_(m.grads, clip)
+                nr = ropt.clip_grad_norm(r, clip)
+                keep(compare(np.asarray(nm, dt), np.asarray(nr, dt), tensor=f"{kind}.grad_norm",
+                             check="optimizer", config=lab, expect_dtype=dt), step)
+            mo.step()
+            ro.step()
+            for name in m.params:
+                keep(compare(m.params[name], r.params[name], tensor=f"{kind}.param.{name}", check="optimizer",
+                             config=lab, expect_dtype=dt), step)
+            mstate, _ = mo.state_dict()
+            rstate = ropt.optimizer_state(r, ro)
+            for key in sorted(set(mstate) | set(rstate)):
+                keep(compare(mstate.get(key, _missing()), rstate.get(key, _missing()), tensor=f"{kind}.{key}",
+                             check="optimizer", config=lab, expect_dtype=dt), step)
+        out += list(worst.values())
+    return out
+
+
+def _badness(c: Comparison) -> float:
+    return c.max_abs / c.tol if c.tol > 0 else (np.inf if c.max_abs > 0 else 0.0)
+
+
+def check_generation(case, m, r, sides: Sides) -> list[Comparison]:
+    from reference.sampling import generate as rgen
+
+    cfg, lab = case.cfg, _label(case)
+    prompt = make_batch(cfg, 1, min(4, cfg.max_seq_len), case.seed + 99, pad=False)[0][0]
+    out = []
+    for label, kw in (("greedy", dict(temperature=0.0)),
+                      ("sample_t0.8_k10", dict(temperature=0.8, top_k=min(10, cfg.vocab_size), seed=case.seed))):
+        a = sides.manual_generate(m, prompt, case.gen_tokens, **kw)
+        b = rgen(r, prompt, case.gen_tokens, **kw)
+        c = compare_exact(a, b, tensor=f"tokens.{label}", check="generation", config=lab)
+        if not c.passed:
+            first = int(np.nonzero(a != b)[0][0]) if a.shape == b.shape else -1
+            c.note = f"first different token at position {first}"
+        out.append(c)
+    return out
+
+
+def check_memory(case, path, m, r, ids, targets, sides: Sides) -> list[Comparison]:
+    """Bytes by category (conformance/memory.py holds the accounting and the closed forms)."""
+    from . import memory
+    return memory.memory_checks(case, path, m, r, ids, targets, sides)
+
+
+# -- one case ---------------------------------------------------------------------------------
+
+def run_case(case: Case, checks=CHECKS, sides: Sides | None = None, workdir=None) -> list[Comparison]:
+    sides = sides or Sides.default()
+    unknown = set(checks) - set(CHECKS)
+    if unknown:
+        raise ValueError(f"unknown check(s) {sorted(unknown)}; choose from {CHECKS}")
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        path = Path(tmp) / "case.safetensors"
+        save_model(path, case.cfg, registry.init_params(case.cfg, case.seed))
+        m = sides.manual.load(path)
+        r = sides.reference.load(path)
+        ids, targets = make_batch(case.cfg, case.batch, case.T, case.seed, case.pad)
+        out: list[Comparison] = []
+        if "param_count" in checks:
+            out += check_param_count(case, m, r)
+        if set(checks) & {"logits", "loss", "activation", "activation_grad", "param_grad"}:
+            out += check_forward_backward(case, m, r, ids, targets, checks)
+        if "optimizer" in checks:
+            out += check_optimizer(case, path, sides)
+        if "generation" in checks:
+            out += check_generation(case, m, r, sides)
+        if "memory" in checks:
+            out += check_memory(case, path, m, r, ids, targets, sides)
+        del m, r
+        gc.collect()
+    return out

@@ -1,0 +1,189 @@
+"""Causal multi-head self-attention (GPT-2 layout: Q|K|V fused in one [C, 3C] matrix).
+
+Shapes: a (B, T, C) -> out (B, T, C); H heads of size D = C / H.
+
+Forward, numbered (backward uses the same numbers):
+    1. qkv  = a Wqkv + bqkv                                   (B, T, 3C)   c_attn
+    2. q, k, v = split(qkv) -> (B, T, H, D) -> (B, H, T, D)    views into qkv, no copy
+    3. att  = (q k^T) / sqrt(D)                               (B, H, T, T)  [tap att, before the mask]
+    4. probs = softmax_j(att_ij if j <= i else -inf)          (B, H, T, T)  [tap probs]
+    5. y    = probs v                                         (B, H, T, D)
+    6. ctx  = y -> (B, T, H, D) -> (B, T, C)                  (B, T, C)     [tap ctx]
+    7. out  = ctx Wo + bo                                     (B, T, C)     c_proj
+
+Cache ('standard'): a (B*T*C, for dWqkv), qkv (3*B*T*C: q, k, v are views of it), probs
+(B*H*T*T), ctx (B*T*C, for dWo). att is a tap but not cached: backward needs only probs, and
+the masked copy of att becomes probs in place.
+
+'flash' computes the same function without ever holding a (T, T) matrix per head: step 3-5 run
+over blocks of keys with an online softmax (running max m and running sum l per query row),
+and only the row log-sum-exp lse = m + log l (B*H*T numbers) is kept instead of probs
+(B*H*T*T). Backward recomputes each block of probs from q, k and lse (exp(att - lse)).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .linear import linear_backward, linear_forward
+
+FLASH_BLOCK = 64  # keys per block in flash attention
+
+
+def _causal_mask(T, dtype, rows=None, cols=None):
+    """Additive mask: 0 where key j <= query i, -inf where j > i.  (len(rows), len(cols))."""
+    rows = np.arange(T) if rows is None else rows
+    cols = np.arange(T) if cols is None else cols
+    return np.where(cols[None, :] > rows[:, None], -np.inf, 0.0).astype(dtype)  # (Tq, Tk)
+
+
+def _split_heads(qkv, H):
+    """2. (B, T, 3C) -> three (B, H, T, D) views into qkv."""
+    B, T, C3 = qkv.shape
+    qkv5 = qkv.reshape(B, T, 3, H, C3 // (3 * H))              # (B, T, 3, H, D) view
+    return tuple(qkv5[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # 3 x (B, H, T, D) views
+
+
+def attention_forward(a, W_attn, b_attn, W_proj, b_proj, n_heads, flash=False, block=FLASH_BLOCK):
+    """Returns (taps, cache). taps: dict q, k, v, [att, probs,] ctx, out."""
+    B, T, C = a.shape
+    H, D = n_heads, C // n_heads
+    scale = 1.0 / math.sqrt(D)
+    # 1. qkv = a Wqkv + bqkv
+    qkv, c_attn = linear_forward(a, W_attn, b_attn)            # (B, T, 3C)
+    # 2. split into heads
+    q, k, v = _split_heads(qkv, H)                             # (B, H, T, D) x 3
+    taps = {"q": q, "k": k, "v": v}
+    if not flash:
+        # 3. att = q k^T / sqrt(D)
+        att = q @ k.transpose(0, 1, 3, 2)                      # (B, H, T, T)
+        att *= scale
+        # 4. probs = softmax(masked att); the max is subtracted for stability (exp <= 1)
+        probs = att + _causal_mask(T, att.dtype)               # (B, H, T, T) masked copy, becomes probs in place
+        probs -= probs.max(axis=-1, keepdims=True)
+        np.exp(probs, out=probs)
+        probs /= probs.sum(axis=-1, keepdims=True)
+        # 5. y = probs v
+        y = probs @ v                                          # (B, H, T, D)
+        taps["att"], taps["probs"] = att, probs
+        stats = probs
+    else:
+        y, lse = _flash_forward(q, k, v, scale, block)         # (B, H, T, D), (B, H, T)
+        stats = lse
+    # 6. merge heads
+    ctx = y.transpose(0, 2, 1, 3).reshape(B, T, C)             # (B, T, C) a contiguous copy
+    # 7. out = ctx Wo + bo
+    out, c_proj = linear_forward(ctx, W_proj, b_proj)          # (B, T, C)
+    taps["ctx"], taps["out"] = ctx, out
+    return taps, (c_attn, q, k, v, stats, c_proj, scale, flash, block)
+
+
+def attention_backward(dout, cache, dW_attn, db_attn, dW_proj, db_proj, record=None):
+    """Returns da (B, T, C); accumulates the four parameter gradients.
+
+    If `record` is a dict, the intermediate gradients are stored in it under the tap names
+    (out, ctx, probs, att, q, k, v).
+    """
+    c_attn, q, k, v, stats, c_proj, scale, flash, block = cache
+    B, H, T, D = q.shape
+    # 7. out = ctx Wo + bo
+    dctx = linear_backward(dout, c_proj, dW_proj, db_proj)     # (B, T, C)
+    # 6. ctx = y -> (B, T, H, D) -> (B, T, C)
+    dy = dctx.reshape(B, T, H, D).transpose(0, 2, 1, 3)        # (B, H, T, D) view
+    if not flash:
+        probs = stats
+        # 5. y = probs v
+        dprobs = dy @ v.transpose(0, 1, 3, 2)                  # (B, H, T, T) (masked entries included)
+        dv = probs.transpose(0, 1, 3, 2) @ dy                  # (B, H, T, D)
+        # 4. probs = softmax(masked att):  datt_ij = p_ij (dp_ij - sum_k p_ik dp_ik); 0 where masked (p = 0)
+        datt = dprobs - np.sum(dprobs * probs, axis=-1, keepdims=True)  # (B, H, T, T)
+        datt *= probs
+        # 3. att = q k^T / sqrt(D)
+        dq = datt @ k                                          # (B, H, T, D)
+        dq *= scale
+        dk = datt.transpose(0, 1, 3, 2) @ q                    # (B, H, T, D)
+        dk *= scale
+        if record is not None:
+            record["probs"], record["att"] = dprobs, datt
+    else:
+        y = c_proj[0].reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D) view of the cached ctx
+        dq, dk, dv = _flash_backward(dy, q, k, v, y, stats, scale, block)
+    # 2. q, k, v = split(qkv): the three gradients are written side by side
+    dqkv = np.empty((B, T, 3, H, D), dtype=dy.dtype)           # (B, T, 3, H, D) = (B, T, 3C)
+    dqkv[:, :, 0] = dq.transpose(0, 2, 1, 3)
+    dqkv[:, :, 1] = dk.transpose(0, 2, 1, 3)
+    dqkv[:, :, 2] = dv.transpose(0, 2, 1, 3)
+    # 1. qkv = a Wqkv + bqkv
+    da = linear_backward(dqkv.reshape(B, T, 3 * H * D), c_attn, dW_attn, db_attn)  # (B, T, C)
+    if record is not None:
+        record["out"], record["ctx"] = dout, dctx
+        record["q"], record["k"], record["v"] = dq, dk, dv
+    return da
+
+
+# -- flash attention: the same steps 3-5, blocked over keys ------------------------------------
+
+def _flash_forward(q, k, v, scale, block):
+    """Online softmax over key blocks. Returns y (B, H, T, D) and lse (B, H, T).
+
+    Queries i < j0 cannot see any key of the block [j0, j1), so each block only touches rows
+    i >= j0 (the causal half of the work is skipped).
+    """
+    B, H, T, D = q.shape
+    m = np.full((B, H, T, 1), -np.inf, dtype=q.dtype)          # (B, H, T, 1) running row max
+    l = np.zeros((B, H, T, 1), dtype=q.dtype)                  # (B, H, T, 1) running sum of exp(att - m)
+    acc = np.zeros((B, H, T, D), dtype=q.dtype)                # (B, H, T, D) running sum of exp(att - m) v
+    rows = np.arange(T)
+    for j0 in range(0, T, block):
+        j1 = min(j0 + block, T)
+        # 3. att = q k^T / sqrt(D), block of keys [j0, j1), query rows [j0, T)
+        s = q[:, :, j0:] @ k[:, :, j0:j1].transpose(0, 1, 3, 2)   # (B, H, T-j0, j1-j0)
+        s *= scale
+        s += _causal_mask(T, s.dtype, rows[j0:], rows[j0:j1])
+        # 4. online softmax: rescale what was accumulated with the old max
+        m_new = np.maximum(m[:, :, j0:], s.max(axis=-1, keepdims=True))  # (B, H, T-j0, 1), finite (key j0 <= row)
+        corr = np.exp(m[:, :, j0:] - m_new)                    # (B, H, T-j0, 1); exp(-inf) = 0 on the first block
+        s -= m_new
+        p = np.exp(s, out=s)                                   # (B, H, T-j0, j1-j0)
+        l[:, :, j0:] *= corr
+        l[:, :, j0:] += p.sum(axis=-1, keepdims=True)
+        # 5. y = probs v, accumulated block by block
+        acc[:, :, j0:] *= corr
+        acc[:, :, j0:] += p @ v[:, :, j0:j1]
+        m[:, :, j0:] = m_new
+    acc /= l                                                   # y (B, H, T, D)
+    lse = (m + np.log(l))[..., 0]                              # (B, H, T)
+    return acc, lse
+
+
+def _flash_backward(dy, q, k, v, y, lse, scale, block):
+    """Recomputes each block of probs = exp(att - lse) and returns dq, dk, dv (B, H, T, D).
+
+    Uses sum_j p_ij dp_ij = dy_i . y_i (the softmax backward's row sum without the (T, T) matrix).
+    """
+    B, H, T, D = q.shape
+    rowdot = np.sum(dy * y, axis=-1, keepdims=True)            # (B, H, T, 1)
+    dq = np.zeros_like(q)                                      # (B, H, T, D)
+    dk = np.empty_like(k)                                      # (B, H, T, D)
+    dv = np.empty_like(v)                                      # (B, H, T, D)
+    rows = np.arange(T)
+    for j0 in range(0, T, block):
+        j1 = min(j0 + block, T)
+        qi, kj, vj, dyi = q[:, :, j0:], k[:, :, j0:j1], v[:, :, j0:j1], dy[:, :, j0:]
+        # 3.-4. recompute probs of this block: p = exp(att - lse), 0 where masked
+        s = qi @ kj.transpose(0, 1, 3, 2)                      # (B, H, T-j0, j1-j0)
+        s *= scale
+        s += _causal_mask(T, s.dtype, rows[j0:], rows[j0:j1])
+        s -= lse[:, :, j0:, None]
+        p = np.exp(s, out=s)                                   # (B, H, T-j0, j1-j0)
+        # 5. y = probs v
+        dv[:, :, j0:j1] = p.transpose(0, 1, 3, 2) @ dyi        # (B, H, j1-j0, D)
+        dp = dyi @ vj.transpose(0, 1, 3, 2)                    # (B, H, T-j0, j1-j0)
+        # 4. softmax: datt = p (dp - rowdot)
+        dp -= rowdot[:, :, j0:]
+        dp *= p                                                # datt of this block
+        # 3. att = q k^T / sqrt(D)
+        dq[:, :, j0:] += (dp @ kj) * scale
+        dk[:, :, j0:j1] = (dp.transpose(0, 1, 3, 2) @ qi) * scale
+    return dq, dk, dv

@@ -1,0 +1,31 @@
+"""Token + position embedding.
+
+    x[b, t] = wte[ids[b, t]] + wpe[t]          ids (B, T) int; wte (V, C); wpe (S, C); x (B, T, C)
+
+Backward: a token id that occurs at several positions received its row at each of them, so
+its gradient is the SUM over those positions:
+    dwte[v] += sum_{(b, t): ids[b, t] == v} dx[b, t]       (np.add.at; `dwte[ids] += dx` would
+                                                             keep only one of the repeated rows)
+    dwpe[t] += sum_b dx[b, t]                               for t < T; rows >= T get nothing
+
+Cache: ids (B*T int64 = 8*B*T bytes). ids are not differentiable: backward returns nothing
+and only accumulates into dwte, dwpe.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def embedding_forward(ids, wte, wpe):
+    """ids (B, T) int64, already validated to lie in [0, V) -> x (B, T, C); cache ids."""
+    T = ids.shape[1]
+    x = wte[ids]                                               # (B, T, C) gather (a new array)
+    x += wpe[:T]                                               # (T, C) broadcast over B
+    return x, ids
+
+
+def embedding_backward(dx, ids, dwte, dwpe):
+    """Accumulates dwte (V, C) and dwpe (S, C); returns None (ids have no gradient)."""
+    T, C = ids.shape[1], dx.shape[-1]
+    np.add.at(dwte, ids.reshape(-1), dx.reshape(-1, C))        # repeated ids: summed, not overwritten
+    dwpe[:T] += dx.sum(axis=0)                                 # (T, C)

@@ -1,0 +1,46 @@
+"""Layer norm over the last dimension, biased variance, eps inside the square root.
+
+    mean = sum_c x_c / C          var = sum_c (x_c - mean)^2 / C          rstd = 1 / sqrt(var + eps)
+    xhat = (x - mean) * rstd      y = xhat * w + b                         x, y (B, T, C); w, b (C,)
+
+Backward (derivation as in llm.c's doc/layernorm): with g = dy * w (the gradient w.r.t. xhat),
+    dw += sum_{B,T} dy * xhat        db += sum_{B,T} dy
+    dx  = rstd * (g - mean_c(g) - xhat * mean_c(g * xhat))
+(the two means are the gradient flowing through `mean` and through `var`).
+
+Cache: (xhat, rstd, w) = B*T*C + B*T numbers (w is the parameter, no bytes of its own).
+We keep xhat rather than x: backward needs xhat twice and x only through xhat, so caching
+x would force recomputing (x - mean) * rstd and keeping mean too (B*T more).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def layernorm_forward(x, w, b, eps):
+    """x (B, T, C), w (C,), b (C,) or None -> y (B, T, C); cache (xhat, rstd, w)."""
+    mean = x.mean(axis=-1, keepdims=True)                      # (B, T, 1)
+    xc = x - mean                                              # (B, T, C)
+    var = np.mean(xc * xc, axis=-1, keepdims=True)             # (B, T, 1) biased variance
+    rstd = 1.0 / np.sqrt(var + eps)                            # (B, T, 1) (eps is a weak Python float)
+    xc *= rstd                                                 # xhat, in place (B, T, C)
+    xhat = xc
+    y = xhat * w                                               # (B, T, C)
+    if b is not None:
+        y += b
+    return y, (xhat, rstd, w)
+
+
+def layernorm_backward(dy, cache, dw, db=None):
+    """Returns dx (B, T, C); accumulates dw, db (C,)."""
+    xhat, rstd, w = cache
+    dw += (dy * xhat).reshape(-1, dy.shape[-1]).sum(axis=0)   # (C,)
+    if db is not None:
+        db += dy.reshape(-1, dy.shape[-1]).sum(axis=0)         # (C,)
+    g = dy * w                                                 # (B, T, C) dL/dxhat
+    g_mean = g.mean(axis=-1, keepdims=True)                    # (B, T, 1)
+    gx_mean = np.mean(g * xhat, axis=-1, keepdims=True)        # (B, T, 1)
+    g -= g_mean
+    g -= xhat * gx_mean
+    g *= rstd                                                  # dx, in place (B, T, C)
+    return g

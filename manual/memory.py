@@ -1,0 +1,138 @@
+"""Closed forms of the bytes the manual model keeps for its backward pass.
+
+`activation_breakdown(cfg, B, T)` states, layer by layer, what the manual forward caches and
+why; `Model.cache_breakdown()` measures the same thing on a live model (every cached array
+followed to the buffer that owns its memory, each buffer counted once, parameters excluded).
+tests/test_model.py asserts the two are equal, entry by entry, for several variants.
+
+With s = bytes per float (4 for float32, 8 for float64) and int64 ids (8 bytes):
+
+    embed          ids                                   8 B T        (rows of wte to add dx into)
+    h.i.ln_1       xhat, rstd                            s (B T C + B T)   (dx needs both; mean is not kept)
+    h.i.attn       input a                               s B T C      (dWqkv = a^T dqkv)
+                   qkv (q, k, v are views into it)       s 3 B T C    (dq needs k, dk needs q, dprobs needs v)
+                   standard: probs                       s B H T T    (dv = probs^T dy and the softmax backward)
+                   flash:    lse (row log-sum-exp)       s B H T      (probs are recomputed block by block)
+                   ctx                                   s B T C      (dWo = ctx^T dout; flash also reads y from it)
+    h.i.ln_2       xhat, rstd                            s (B T C + B T)
+    h.i.mlp        input m                               s B T C      (dW1 = m^T dfc)
+                   act                                   s B T F      (dW2 = act^T dout; relu' = [act > 0])
+                   fc (gelu, gelu_tanh only)             s B T F      (f'(fc))
+    ln_f           xhat, rstd                            s (B T C + B T)
+    lm_head        ln_f.out                              s B T C      (dW_out = dlogits^T xf; the mtp heads share it)
+    mtp.j          mtp.j.out (j = 2..n_future)           s B T C      (dW_out = dlogits_j^T h_j)
+    loss.j         softmax p, targets (j = 1..n_future)  s B T V + 8 B T   (only when forward had targets)
+
+The transient peak of forward + backward is `peak_bytes` (above the parameters and gradient
+buffers) and `peak_bytes_closed_form` (everything): see their docstrings.
+
+Not cached (and why): attention's att (backward needs only probs; the tap itself is still held
+in model.taps), the masked copy of att (it becomes probs in place), layer-norm inputs (xhat
+replaces them), residual sums (an add needs nothing), the PAD mask (recomputed from targets).
+"""
+from __future__ import annotations
+
+from .config import ModelConfig
+
+INT64 = 8
+
+
+def activation_breakdown(cfg: ModelConfig, B: int, T: int, with_targets: bool = True) -> dict[str, int]:
+    """Bytes cached for backward per layer, keyed like Model.cache_breakdown()."""
+    s = 4 if cfg.dtype == "float32" else 8
+    C, H, F, V = cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.vocab_size
+    BT = B * T
+    ln = s * (BT * C + BT)
+    probs = B * H * T * T if cfg.attention == "standard" else B * H * T
+    attn = s * (BT * C + 3 * BT * C + probs + BT * C)
+    mlp = s * (BT * C + BT * F * (1 if cfg.activation == "relu" else 2))
+    out = {"embed": INT64 * BT}
+    for i in range(cfg.n_layers):
+        out.update({f"h.{i}.ln_1": ln, f"h.{i}.attn": attn, f"h.{i}.ln_2": ln, f"h.{i}.mlp": mlp})
+    out["ln_f"] = ln
+    out["lm_head"] = s * BT * C
+    for j in range(2, cfg.n_future + 1):
+        out[f"mtp.{j}"] = s * BT * C
+    if with_targets:
+        for j in range(1, cfg.n_future + 1):
+            out[f"loss.{j}"] = s * BT * V + INT64 * BT
+    return out
+
+
+def activation_bytes(cfg: ModelConfig, B: int, T: int, with_targets: bool = True) -> int:
+    """Total bytes the manual forward keeps for backward:
+
+        8 B T (ids)
+      + L * s * (2 (B T C + B T)                  two layer norms
+                 + 5 B T C + [B H T T | B H T]    attention: input, qkv, ctx, probs | lse
+                 + B T C + (1 | 2) B T F)         mlp: input, act [, fc]
+      + s (B T C + B T) + s B T C                 ln_f, the heads' shared input
+      + (n_future - 1) s B T C                    extra heads' outputs
+      + n_future (s B T V + 8 B T)                losses (with targets)
+    """
+    return sum(activation_breakdown(cfg, B, T, with_targets).values())
+
+
+def held_after_forward_bytes(cfg: ModelConfig, B: int, T: int) -> int:
+    """Bytes a forward with targets allocates and keeps (caches and taps together, each buffer once).
+
+    Per block: 12 B T C (embed-free residual stream values: layer-norm xhat and outputs x2,
+    qkv 3, ctx, attn.out, resid_1 [, resid_2], mlp.out, out) + 2 B T (rstd x2) + 2 B T F (fc, act)
+    + 2 B H T T (att, probs) for standard attention, or B H T (lse) for flash.
+    Around the blocks: ids and targets (8 B T each, + 8 B T per extra head's shifted targets),
+    embed.out (B T C), ln_f (2 B T C + B T), per head logits and softmax (2 B T V), per extra head
+    its output (B T C).
+    """
+    s = 4 if cfg.dtype == "float32" else 8
+    C, H, F, V, L, k = cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.vocab_size, cfg.n_layers, cfg.n_future
+    BT = B * T
+    att = 2 * B * H * T * T if cfg.attention == "standard" else B * H * T
+    block = 12 * BT * C + 2 * BT + 2 * BT * F + att
+    return (INT64 * BT * (1 + k) + s * (BT * C + L * block + 2 * BT * C + BT + 2 * k * BT * V
+                                        + (k - 1) * BT * C))
+
+
+def tap_grad_bytes(cfg: ModelConfig, B: int, T: int) -> int:
+    """Bytes of model.tap_grads after backward (arrays shared by two taps counted once).
+
+    Per block 8 B T C (standard and flash alike: the gradients w.r.t. ln_2.out / resid_2, resid_1,
+    ctx, q, k, v, ln_1.out and the block's input) + 2 B T F (fc, act) + 2 B H T T (probs, att;
+    standard only); outside the blocks dlogits (B T V per head), the extra heads' outputs
+    ((n_future - 1) B T C), ln_f.out and the last block's output (2 B T C).
+    """
+    s = 4 if cfg.dtype == "float32" else 8
+    C, H, F, V, L, k = cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.vocab_size, cfg.n_layers, cfg.n_future
+    BT = B * T
+    att = 2 * B * H * T * T if cfg.attention == "standard" else 0
+    return s * (k * BT * V + (k - 1) * BT * C + 2 * BT * C + L * (8 * BT * C + 2 * BT * F + att))
+
+
+def param_bytes(cfg: ModelConfig) -> int:
+    """Bytes of the parameters (the tied matrix once); the gradients take the same again."""
+    from .registry import param_count
+    return (4 if cfg.dtype == "float32" else 8) * param_count(cfg)
+
+
+def peak_bytes(cfg: ModelConfig, B: int, T: int) -> int:
+    """Transient peak of one forward + backward (with targets) ABOVE what was live before it.
+
+    The parameters and gradient buffers exist before and are not counted; neither is the
+    previous step's state (a forward drops the previous caches, taps and tap gradients first).
+    The peak is reached at the end of the backward pass, when the model holds
+        held_after_forward_bytes   every cache and tap of the forward (each buffer once)
+      + tap_grad_bytes             every tap gradient of the backward
+      + workspace                  s (3 B T C + max(V C, C F, 3 C C)): the last attention backward's
+                                   dqkv (B, T, 3C) and the largest parameter-shaped temporary
+                                   (x^T dy before it is added into the gradient buffer).
+    Python objects (dicts, tuples) add a few kB; measured with tracemalloc the prediction holds
+    to within a few percent for B T >= 64 (tests/test_model.py, conformance/memory.py).
+    """
+    s = 4 if cfg.dtype == "float32" else 8
+    C, F, V = cfg.d_model, cfg.d_ff, cfg.vocab_size
+    workspace = s * (3 * B * T * C + max(V * C, C * F, 3 * C * C))
+    return held_after_forward_bytes(cfg, B, T) + tap_grad_bytes(cfg, B, T) + workspace
+
+
+def peak_bytes_closed_form(cfg: ModelConfig, B: int, T: int) -> int:
+    """Peak of a training step's forward + backward in total: parameters + gradients + peak_bytes."""
+    return 2 * param_bytes(cfg) + peak_bytes(cfg, B, T)

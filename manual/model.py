@@ -1,0 +1,365 @@
+"""The manual model: the forward pass as a list of layer calls, the backward pass as the same
+list read bottom-up, call for call. Every gradient is written by hand in manual/layers/.
+
+    x = wte[ids] + wpe[:T]                          embed.out          (B, T, C)
+    x = block_i(x)  for i = 0 .. L-1                h.{i}.*            (B, T, C)
+    xf = LN_f(x)                                    ln_f.out           (B, T, C)
+    logits = xf @ W_out^T                           logits             (B, T, V)   W_out = wte (tied) or lm_head
+    for j = 2 .. n_future:
+        h_j = xf @ mtp.j.weight + mtp.j.bias        mtp.{j}.out        (B, T, C)
+        logits_j = h_j @ W_out^T                    mtp.{j}.logits     (B, T, V)
+    loss = mean over heads with >= 1 non-PAD target of loss_j(logits_j / temperature, targets shifted by j-1)
+
+Usage:
+    model = Model(cfg, seed=0)            # or Model.from_params(cfg, params) / Model.load(path)
+    loss = model.forward(ids, targets)    # ids, targets (B, T) ints
+    model.zero_grad(); model.backward()   # model.grads accumulate (+=) until zero_grad, as in PyTorch
+
+`model.params` holds the live arrays the model computes with: editing one in place changes
+the model, and replacing an entry with a new array of the same shape and dtype works too
+(every forward reads the dict and checks it first; a wrong shape, dtype or a missing name
+raises a ValueError listing every problem). `model.grads` is allocated once; zero_grad fills
+it with zeros in place.
+
+Debug mode (`Model(cfg, debug=True)`, or set `model.debug = True`): the "assert versions" of
+forward / backward / zero_grad. After forward every tap is finite and of its registered shape
+and dtype; after backward every tap gradient and parameter gradient is too, and no parameter
+gradient is all zero (a parameter of a head with no target is allowed to be); after zero_grad
+every gradient is exactly zero. A failure raises DebugCheckError naming the tensor.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import checkpoint
+from .config import ModelConfig
+from .layers import (FLASH_BLOCK, block_backward, block_forward, embedding_backward, embedding_forward,
+                     layernorm_backward, layernorm_forward, linear_backward, linear_forward, loss_backward,
+                     loss_forward, unembed_backward, unembed_forward)
+from .registry import future_targets, init_params, param_count, param_specs, resolve, tap_specs
+
+
+class DebugCheckError(AssertionError):
+    """A debug-mode check failed; the message names the tensor."""
+
+
+@dataclass
+class ForwardCache:
+    """Everything the last forward kept for backward (and nothing else)."""
+    embed: object              # ids (B, T) int64
+    blocks: list               # one block cache per layer
+    ln_f: tuple                # (xhat, rstd, w)
+    head: tuple                # unembed cache of head 1: (xf, W_out)
+    mtp: list                  # per extra head j = 2..k: (linear cache (xf, W), unembed cache (h_j, W_out))
+    loss: list | None          # per head: loss cache; None when forward had no targets
+    n_valid: list | None       # per head: number of non-PAD targets
+
+
+# -- input checks -------------------------------------------------------------------------------
+
+def _first_index(mask):
+    return tuple(int(i) for i in np.argwhere(mask)[0])
+
+
+def check_token_array(x, cfg: ModelConfig, what: str = "ids") -> np.ndarray:
+    """Validate ids or targets: integer (not bool), 2-D (B, T), 1 <= T <= max_seq_len, values in [0, V).
+
+    Returns an int64 copy (the caller's array is never kept or modified).
+    """
+    arr = np.asarray(x)
+    if arr.dtype == np.bool_:
+        raise TypeError(f"{what} have dtype bool; token ids must be integers in [0, {cfg.vocab_size})")
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{what} must be an integer array of token ids, got dtype {arr.dtype} "
+                        f"(convert with .astype(np.int64) if the values are whole numbers)")
+    if arr.ndim != 2:
+        raise ValueError(f"{what} must be 2-D (B, T), got shape {arr.shape} with {arr.ndim} dimension(s); "
+                         f"use {what}[None] for a single sequence")
+    B, T = arr.shape
+    if B == 0 or T == 0:
+        raise ValueError(f"{what} of shape {arr.shape} are empty; need B >= 1 and 1 <= T <= max_seq_len "
+                         f"= {cfg.max_seq_len}")
+    if T > cfg.max_seq_len:
+        raise ValueError(f"cannot forward a sequence of length T = {T}: max_seq_len is only {cfg.max_seq_len} "
+                         f"({what} shape {arr.shape})")
+    bad = (arr < 0) | (arr >= cfg.vocab_size)
+    if bad.any():
+        pos = _first_index(bad)
+        value = int(arr[pos])
+        label = "token id" if what == "ids" else "target"
+        hint = " (a negative id would silently wrap around in NumPy indexing)" if value < 0 else ""
+        raise ValueError(f"{label} {value} at position {pos} is outside the vocabulary [0, {cfg.vocab_size})"
+                         f"{hint}; {int(bad.sum())} {what} value(s) out of range")
+    return arr.astype(np.int64)
+
+
+class Model:
+    """A decoder-only transformer in NumPy with hand-written backward passes (see the module docstring)."""
+
+    def __init__(self, cfg: ModelConfig, seed: int = 0, *, debug: bool = False, flash_block: int = FLASH_BLOCK,
+                 _params: dict | None = None):
+        if not isinstance(cfg, ModelConfig):
+            raise TypeError(f"cfg must be a ModelConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
+        self.debug = bool(debug)
+        self.flash_block = int(flash_block)   # keys per block of 'flash' attention
+        self.params = init_params(cfg, seed) if _params is None else _params
+        self.grads = {name: np.zeros_like(arr) for name, arr in self.params.items()}
+        self._dtype = np.dtype(cfg.dtype)
+        self._param_shapes = {s.name: resolve(s, cfg) for s in param_specs(cfg)}
+        self._tap_names = [s.name for s in tap_specs(cfg)]
+        self._cache: ForwardCache | None = None
+        self.taps: dict[str, np.ndarray] = {}
+        self.tap_grads: dict[str, np.ndarray] = {}
+        self.loss: float | None = None
+
+    # -- construction / checkpoints ------------------------------------------------------------
+    @classmethod
+    def from_params(cls, cfg: ModelConfig, params: dict, **kwargs) -> "Model":
+        """A model holding copies of `params` (checked: every name, shape and dtype, all problems listed)."""
+        checkpoint.check_params(cfg, params, where="params given to Model.from_params", allow_prefixes=())
+        own = {s.name: np.array(params[s.name], dtype=cfg.dtype, order="C", copy=True) for s in param_specs(cfg)}
+        return cls(cfg, _params=own, **kwargs)
+
+    @classmethod
+    def load(cls, path, **kwargs) -> "Model":
+        """Load a checkpoint written by save (strict: one CheckpointError lists every problem)."""
+        cfg, params, _extras, _meta = checkpoint.load_model(path)
+        return cls.from_params(cfg, params, **kwargs)
+
+    def save(self, path) -> None:
+        """Write the parameters and the config to one safetensors file, atomically."""
+        checkpoint.save_model(path, self.cfg, self.params)
+
+    def num_params(self) -> int:
+        return param_count(self.cfg)
+
+    @property
+    def logits(self):
+        """(B, T, V) logits of head 1 from the last forward (None before the first)."""
+        return self.taps.get("logits")
+
+    # -- forward ----------------------------------------------------------------------------------
+    def forward(self, ids, targets=None):
+        """ids (B, T) ints in [0, V); targets (B, T) or None. Returns the loss (float) or None."""
+        cfg = self.cfg
+        ids = check_token_array(ids, cfg, "ids")                                     # (B, T) int64
+        if targets is not None:
+            targets = check_token_array(targets, cfg, "targets")                     # (B, T) int64
+            if targets.shape != ids.shape:
+                raise ValueError(f"targets have shape {targets.shape} but ids have shape {ids.shape}; "
+                                 f"they must match")
+            if not (targets != cfg.pad_id).any():
+                raise ValueError(f"every target is PAD (pad_id={cfg.pad_id}) in targets of shape {targets.shape}; "
+                                 f"the loss is an average over no positions")
+        self._check_tensors(self.params, "model.params")
+        self._cache, self.taps, self.tap_grads, self.loss = None, {}, {}, None
+        p, L, k = self.params, cfg.n_layers, cfg.n_future
+        W_out = p["transformer.wte.weight"] if cfg.tie_embeddings else p["lm_head.weight"]     # (V, C)
+        taps = {}
+
+        x, c_embed = embedding_forward(ids, p["transformer.wte.weight"], p["transformer.wpe.weight"])  # (B, T, C)
+        taps["embed.out"] = x
+        c_blocks = []
+        for i in range(L):
+            x, t, c = block_forward(x, self._block(p, i), cfg, self.flash_block)     # (B, T, C)
+            taps.update({f"h.{i}.{name}": v for name, v in t.items()})
+            c_blocks.append(c)
+        xf, c_lnf = layernorm_forward(x, p["transformer.ln_f.weight"], p.get("transformer.ln_f.bias"),
+                                      cfg.ln_eps)                                     # (B, T, C)
+        taps["ln_f.out"] = xf
+        logits, c_head = unembed_forward(xf, W_out)                                   # (B, T, V)
+        taps["logits"] = logits
+        head_logits, c_mtp = [logits], []
+        for j in range(2, k + 1):
+            h_j, c_lin = linear_forward(xf, p[f"mtp.{j}.weight"], p.get(f"mtp.{j}.bias"))  # (B, T, C)
+            logits_j, c_un = unembed_forward(h_j, W_out)                              # (B, T, V)
+            taps[f"mtp.{j}.out"], taps[f"mtp.{j}.logits"] = h_j, logits_j
+            head_logits.append(logits_j)
+            c_mtp.append((c_lin, c_un))
+
+        c_loss = n_valid = None
+        if targets is not None:
+            c_loss, n_valid, losses = [], [], []
+            for j in range(1, k + 1):
+                (loss_j, n_j), c = loss_forward(head_logits[j - 1], future_targets(targets, j, cfg.pad_id),
+                                                cfg.pad_id, cfg.temperature, cfg.loss)
+                c_loss.append(c)
+                n_valid.append(n_j)
+                if n_j:
+                    losses.append(loss_j)
+            # mean over the heads that have at least one non-PAD target (head 1 always has one here)
+            self.loss = float(np.sum(losses, dtype=self._dtype) / self._dtype.type(len(losses)))
+
+        self.taps = {name: taps[name] for name in self._tap_names}
+        self._cache = ForwardCache(c_embed, c_blocks, c_lnf, c_head, c_mtp, c_loss, n_valid)
+        if self.debug:
+            self._check_all("forward", self.taps, "tap", B=ids.shape[0], T=ids.shape[1])
+        return self.loss
+
+    # -- backward ---------------------------------------------------------------------------------
+    def backward(self) -> None:
+        """Accumulate dLoss/dparam into self.grads (+=); set self.tap_grads for this backward."""
+        cfg, c = self.cfg, self._cache
+        if c is None:
+            raise ValueError("backward() called before forward(): there are no activations to differentiate; "
+                             "call model.forward(ids, targets) first")
+        if c.loss is None:
+            raise ValueError("backward() needs a loss, but the last forward() was called with targets=None; "
+                             "call model.forward(ids, targets) first")
+        self._check_tensors(self.grads, "model.grads")
+        g, L, k = self.grads, cfg.n_layers, cfg.n_future
+        dW_out = g["transformer.wte.weight"] if cfg.tie_embeddings else g["lm_head.weight"]    # (V, C)
+        rec = {}
+
+        # The seed: loss = (1 / n_active) * sum over active heads of loss_j (the mean over heads), so the
+        # backward of that mean sends dloss / n_active to each active head and 0 to a head without targets.
+        dloss = 1.0
+        n_active = sum(1 for n in c.n_valid if n)
+        dloss_head = [dloss / n_active if n else 0.0 for n in c.n_valid]
+
+        xf = c.head[0]
+        dxf = np.zeros_like(xf)                                                       # (B, T, C) sum over heads
+        for j in range(k, 1, -1):
+            c_lin, c_un = c.mtp[j - 2]
+            # loss_j = loss(logits_j / temperature, targets shifted by j - 1)
+            dlogits_j = loss_backward(dloss_head[j - 1], c.loss[j - 1])               # (B, T, V)
+            # logits_j = h_j @ W_out^T        (W_out: contribution of head j)
+            dh_j = unembed_backward(dlogits_j, c_un, dW_out)                          # (B, T, C)
+            # h_j = xf @ mtp.j.weight + mtp.j.bias
+            dxf += linear_backward(dh_j, c_lin, g[f"mtp.{j}.weight"], g.get(f"mtp.{j}.bias"))
+            rec[f"mtp.{j}.logits"], rec[f"mtp.{j}.out"] = dlogits_j, dh_j
+        # loss_1 = loss(logits / temperature, targets)
+        dlogits = loss_backward(dloss_head[0], c.loss[0])                             # (B, T, V)
+        rec["logits"] = dlogits
+        # logits = xf @ W_out^T               (W_out: contribution of head 1)
+        dxf += unembed_backward(dlogits, c.head, dW_out)                              # (B, T, C)
+        rec["ln_f.out"] = dxf
+        # xf = LN_f(x)
+        dx = layernorm_backward(dxf, c.ln_f, g["transformer.ln_f.weight"], g.get("transformer.ln_f.bias"))
+        for i in range(L - 1, -1, -1):
+            # x = block_i(x)
+            rec[f"h.{i}.out"] = dx
+            rec_i = {}
+            dx = block_backward(dx, c.blocks[i], self._block(g, i), record=rec_i)    # (B, T, C)
+            rec.update({f"h.{i}.{name}": v for name, v in rec_i.items()})
+        rec["embed.out"] = dx
+        # x = wte[ids] + wpe[:T]. Tied: dwte already holds the output projection's contribution(s) from
+        # above; the lookup's contribution is added to the SAME buffer here (the two uses of one matrix).
+        embedding_backward(dx, c.embed, g["transformer.wte.weight"], g["transformer.wpe.weight"])
+
+        self.tap_grads = {name: rec[name] for name in self._tap_names}
+        if self.debug:
+            B, T = c.embed.shape
+            self._check_all("backward", self.tap_grads, "gradient of tap", B=B, T=T)
+            self._check_all("backward", self.grads, "gradient of", nonzero=True)
+
+    def zero_grad(self) -> None:
+        """Set every gradient buffer to zero, in place (the buffers are allocated once)."""
+        for arr in self.grads.values():
+            arr.fill(0)
+        if self.debug:
+            for name, arr in self.grads.items():
+                if np.any(arr != 0):
+                    raise DebugCheckError(f"debug: zero_grad left {int(np.count_nonzero(arr))} non-zero values "
+                                          f"in the gradient of {name}")
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def _check_tensors(self, d: dict, where: str) -> None:
+        """Every registered name present with its shape and the config dtype, nothing else (else one
+        ValueError listing every problem). The fast path costs one comparison per tensor."""
+        if len(d) == len(self._param_shapes) and all(
+                isinstance(a, np.ndarray) and a.shape == shape and a.dtype == self._dtype
+                for a, shape in ((d.get(name), shape) for name, shape in self._param_shapes.items())):
+            return
+        bad = {k: type(v).__name__ for k, v in d.items() if not isinstance(v, np.ndarray)}
+        if bad:
+            raise TypeError(f"{where} must hold NumPy arrays; got {bad}")
+        checkpoint.check_params(self.cfg, d, where=where, allow_prefixes=())
+
+    @staticmethod
+    def _block(d: dict, i: int) -> dict:
+        """The entries of block i, keyed without the "transformer.h.{i}." prefix."""
+        prefix = f"transformer.h.{i}."
+        return {name[len(prefix):]: v for name, v in d.items() if name.startswith(prefix)}
+
+    def cache_breakdown(self) -> dict[str, int]:
+        """Bytes held by the caches of the last forward, per layer (see manual/memory.py).
+
+        Each underlying buffer is counted once (arrays are followed to the array that owns the
+        memory), at the first layer that holds it in forward order; parameters are excluded.
+        """
+        c = self._cache
+        if c is None:
+            return {}
+        seen = {id(_owner(a)) for a in self.params.values()}
+        parts = [("embed", c.embed)]
+        for i, (c_ln1, c_attn, c_ln2, c_mlp, _norm) in enumerate(c.blocks):
+            parts += [(f"h.{i}.ln_1", c_ln1), (f"h.{i}.attn", c_attn), (f"h.{i}.ln_2", c_ln2), (f"h.{i}.mlp", c_mlp)]
+        parts += [("ln_f", c.ln_f), ("lm_head", c.head)]
+        parts += [(f"mtp.{j}", c.mtp[j - 2]) for j in range(2, self.cfg.n_future + 1)]
+        if c.loss is not None:
+            parts += [(f"loss.{j}", c.loss[j - 1]) for j in range(1, self.cfg.n_future + 1)]
+        out = {}
+        for name, obj in parts:
+            total = 0
+            for a in _arrays(obj):
+                owner = _owner(a)
+                if id(owner) not in seen:
+                    seen.add(id(owner))
+                    total += owner.nbytes
+            out[name] = total
+        return out
+
+    def cache_bytes(self) -> int:
+        """Total bytes held for backward by the last forward (each buffer once, parameters excluded)."""
+        return sum(self.cache_breakdown().values())
+
+    def _check_all(self, stage, tensors, what, B=None, T=None, nonzero=False):
+        """Debug checks: registered shape, dtype, finiteness (and, for parameter grads, not all zero)."""
+        if what == "gradient of":
+            expected = self._param_shapes
+        else:
+            expected = {s.name: resolve(s, self.cfg, B, T) for s in tap_specs(self.cfg)}
+        idle = set()
+        if nonzero and self._cache is not None:   # a head without any target gets no gradient, legitimately
+            idle = {name for j in range(2, self.cfg.n_future + 1) if not self._cache.n_valid[j - 1]
+                    for name in (f"mtp.{j}.weight", f"mtp.{j}.bias")}
+        for name, shape in expected.items():
+            if name not in tensors:
+                raise DebugCheckError(f"debug: after {stage}, {what} {name} is missing")
+            arr = tensors[name]
+            if tuple(arr.shape) != shape:
+                raise DebugCheckError(f"debug: after {stage}, {what} {name} has shape {tuple(arr.shape)}, "
+                                      f"registered shape is {shape}")
+            if arr.dtype != self._dtype:
+                raise DebugCheckError(f"debug: after {stage}, {what} {name} has dtype {arr.dtype}, "
+                                      f"config dtype is {self._dtype}")
+            bad = ~np.isfinite(arr)
+            if bad.any():
+                raise DebugCheckError(f"debug: after {stage}, {what} {name} contains {int(bad.sum())} non-finite "
+                                      f"values (first at {_first_index(bad)}: {arr[_first_index(bad)]})")
+            if nonzero and name not in idle and not np.any(arr):
+                raise DebugCheckError(f"debug: after {stage}, {what} {name} is all zero "
+                                      f"(shape {shape}): no gradient reached it")
+
+
+def _owner(a: np.ndarray) -> np.ndarray:
+    """The array that owns a view's memory (follow .base while it is an ndarray)."""
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a
+
+
+def _arrays(obj):
+    """Every ndarray inside nested tuples / lists / dicts / dataclasses."""
+    if isinstance(obj, np.ndarray):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            yield from _arrays(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from _arrays(item)

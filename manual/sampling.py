@@ -1,0 +1,70 @@
+"""Text generation from any model with the Model interface (forward(ids) sets .logits).
+
+Sampling, exactly (reference/sampling.py states the same rule in torch):
+    temperature == 0   greedy: argmax of the last position's logits (ties -> lowest id)
+    temperature  > 0   z = logits / temperature; with top_k, every logit below the k-th
+                       largest becomes -inf (ties with the k-th are kept);
+                       p = softmax(z); the token is the first id whose running sum of p
+                       exceeds u, where u ~ U[0, 1) is the next draw of one shared stream
+                       (`uniform_stream(seed, n)`), so two implementations given the same
+                       draws must pick the same tokens.
+The context is cropped to the last max_seq_len tokens before each forward.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def check_sampling_args(temperature: float, top_k: int | None, max_new_tokens: int, vocab_size: int) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not np.isfinite(temperature):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
+        raise ValueError(f"top_k must be an int >= 1 (or None for no cut), got {top_k!r}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+
+
+def uniform_stream(seed: int, n: int) -> np.ndarray:
+    """The n uniform draws in [0, 1) that drive sampling (float64), shared by both implementations."""
+    return np.random.default_rng(seed).random(n)
+
+
+def sample_next(logits: np.ndarray, temperature: float, top_k: int | None, u: float) -> int:
+    """Pick one token id from one row of logits (V,) with one uniform draw u."""
+    z = logits.astype(np.float64)                                   # (V,)
+    if temperature == 0:
+        return int(np.argmax(z))
+    z = z / temperature
+    if top_k is not None and top_k < z.shape[0]:
+        kth = np.sort(z)[-top_k]
+        z = np.where(z < kth, -np.inf, z)
+    p = np.exp(z - z.max())
+    p = p / p.sum()                                                 # (V,)
+    above = np.nonzero(np.cumsum(p) > u)[0]
+    if above.size:
+        return int(above[0])
+    return int(np.nonzero(p > 0)[0][-1])                            # rounding left the sum just below u
+
+
+def generate(model, prompt, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+             seed: int = 0, uniforms: np.ndarray | None = None) -> np.ndarray:
+    """Extend `prompt` (1-D ids) by max_new_tokens tokens; returns only the new ids (int64)."""
+    cfg = model.cfg
+    check_sampling_args(temperature, top_k, max_new_tokens, cfg.vocab_size)
+    ids = np.asarray(prompt)
+    if ids.ndim != 1 or ids.size == 0:
+        raise ValueError(f"prompt must be a non-empty 1-D sequence of token ids, got shape {ids.shape}")
+    if uniforms is None:
+        uniforms = uniform_stream(seed, max_new_tokens)
+    if len(uniforms) < max_new_tokens:
+        raise ValueError(f"{len(uniforms)} uniform draws for {max_new_tokens} tokens")
+    ids = ids.astype(np.int64)
+    new = []
+    for i in range(max_new_tokens):
+        context = ids[-cfg.max_seq_len:][None, :]                  # (1, T)
+        model.forward(context)
+        new.append(sample_next(np.asarray(model.logits)[0, -1], temperature, top_k, float(uniforms[i])))
+        ids = np.append(ids, new[-1])
+    return np.asarray(new, dtype=np.int64)

@@ -1,0 +1,47 @@
+"""Generation for the reference, in torch: the same rule as manual/sampling.py, stated again.
+
+    temperature == 0: argmax (ties -> lowest id); otherwise z = logits / temperature, logits
+    below the k-th largest -> -inf, p = softmax(z), token = first id whose cumulative p
+    exceeds the shared uniform draw u. Context cropped to the last max_seq_len tokens.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from manual.sampling import check_sampling_args, uniform_stream
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, u: float) -> int:
+    z = logits.to(torch.float64)                                     # (V,)
+    if temperature == 0:
+        return int(torch.argmax(z))                                  # first maximal index
+    z = z / temperature
+    if top_k is not None and top_k < z.shape[0]:
+        kth = torch.topk(z, top_k).values[-1]
+        z = z.masked_fill(z < kth, float("-inf"))
+    p = torch.softmax(z, dim=-1)
+    above = torch.nonzero(torch.cumsum(p, 0) > u)
+    if above.numel():
+        return int(above[0, 0])
+    return int(torch.nonzero(p > 0)[-1, 0])
+
+
+def generate(model, prompt, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+             seed: int = 0, uniforms: np.ndarray | None = None) -> np.ndarray:
+    """`model` is reference.Model; returns the new ids (int64)."""
+    cfg = model.cfg
+    check_sampling_args(temperature, top_k, max_new_tokens, cfg.vocab_size)
+    ids = torch.as_tensor(np.asarray(prompt), dtype=torch.long)
+    if ids.ndim != 1 or ids.numel() == 0:
+        raise ValueError(f"prompt must be a non-empty 1-D sequence of token ids, got shape {tuple(ids.shape)}")
+    if uniforms is None:
+        uniforms = uniform_stream(seed, max_new_tokens)
+    new = []
+    for i in range(max_new_tokens):
+        context = ids[-cfg.max_seq_len:][None, :]                    # (1, T)
+        model.forward(context.numpy())
+        logits = torch.as_tensor(np.asarray(model.logits))[0, -1]
+        new.append(sample_next(logits, temperature, top_k, float(uniforms[i])))
+        ids = torch.cat([ids, torch.tensor([new[-1]])])
+    return np.asarray(new, dtype=np.int64)

@@ -1,0 +1,120 @@
+"""Benchmark: manual (NumPy) against reference (PyTorch eager) in one run, as median ratios.
+
+    python tools/bench.py --preset tiny --dtype float32 --repeats 30
+    python tools/bench.py --preset medium --batch-size 8 --seq-len 128 --json bench.json
+
+For each implementation it times, on the same weights and batch, a forward (with loss), a
+backward, and a full training step (zero_grad, forward, backward, clip, AdamW step). Runs
+alternate between the two implementations so that machine noise hits both alike; the
+report gives medians and the ratio manual / reference (below 1: manual is faster).
+Threads: both sides use the same number of BLAS / intra-op threads (--threads, default 1,
+the fairest comparison on a shared machine).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _set_threads(n: int) -> None:
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(n)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--batch-size", type=int, default=None, help="default: the preset's batch size")
+    p.add_argument("--seq-len", type=int, default=None, help="default: the preset's max_seq_len")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", metavar="PATH")
+    args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error(f"--repeats must be >= 1, got {args.repeats}")
+    _set_threads(args.threads)
+
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import manual
+    import manual.optim
+    import reference
+    from reference import optim as ropt
+    from conformance.engine import make_batch
+    from manual.config import PRESETS, ModelConfig
+
+    cfg = ModelConfig.preset(args.preset, dtype=args.dtype)
+    B = args.batch_size or PRESETS[args.preset].train.get("batch_size", 4)
+    T = args.seq_len or cfg.max_seq_len
+    if not 1 <= T <= cfg.max_seq_len:
+        p.error(f"--seq-len {T} is outside [1, {cfg.max_seq_len}] for preset {args.preset}")
+    ids, targets = make_batch(cfg, B, T, seed=0)
+    m = manual.Model(cfg, seed=0)
+    r = reference.Model(cfg, seed=0)
+    mo = manual.optim.AdamW(m.params, m.grads, lr=1e-4, groups=manual.decay_groups(cfg, 0.01))
+    ro = ropt.make_optimizer(r, kind="adamw", lr=1e-4, weight_decay=0.01)
+
+    def phases(model, opt, clip):
+        def fwd():
+            model.forward(ids, targets)
+
+        def bwd():  # forward outside the timer would need state juggling; time fwd+bwd and subtract
+            model.forward(ids, targets)
+            model.backward()
+
+        def step():
+            opt.zero_grad()
+            model.forward(ids, targets)
+            model.backward()
+            clip()
+            opt.step()
+        return {"forward": fwd, "forward+backward": bwd, "train_step": step}
+
+    sides = {
+        "manual": phases(m, mo, lambda: manual.optim.clip_grad_norm_(m.grads, 1.0)),
+        "reference": phases(r, ro, lambda: ropt.clip_grad_norm(r, 1.0)),
+    }
+    times = {side: {ph: [] for ph in sides[side]} for side in sides}
+    for ph in ("forward", "forward+backward", "train_step"):
+        for side in sides:
+            for _ in range(args.warmup):
+                sides[side][ph]()
+        for _ in range(args.repeats):
+            for side in sides:  # alternate so noise hits both alike
+                t0 = time.perf_counter()
+                sides[side][ph]()
+                times[side][ph].append(time.perf_counter() - t0)
+
+    result = {"preset": args.preset, "dtype": args.dtype, "batch_size": B, "seq_len": T,
+              "threads": args.threads, "repeats": args.repeats, "phases": {}}
+    print(f"preset {args.preset}  dtype {args.dtype}  B={B} T={T}  threads={args.threads}  "
+          f"repeats={args.repeats} (medians)")
+    print(f"{'phase':<18} {'manual ms':>10} {'reference ms':>13} {'ratio m/r':>10}")
+    for ph in ("forward", "forward+backward", "train_step"):
+        mm = statistics.median(times["manual"][ph]) * 1e3
+        rr = statistics.median(times["reference"][ph]) * 1e3
+        result["phases"][ph] = {"manual_ms": mm, "reference_ms": rr, "ratio": mm / rr}
+        print(f"{ph:<18} {mm:10.3f} {rr:13.3f} {mm / rr:10.2f}")
+    tokens = B * T
+    step_ms = result["phases"]["train_step"]
+    print(f"tokens/s in training: manual {tokens / step_ms['manual_ms'] * 1e3:,.0f}, "
+          f"reference {tokens / step_ms['reference_ms'] * 1e3:,.0f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
