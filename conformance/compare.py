@@ -96,7 +96,7 @@ class Comparison:
 
 
 def compare(a, b, *, tensor: str, check: str, config: str = "", step: int | None = None,
-            widen: tuple[float, str] | None = None, expect_dtype=None) -> Comparison:
+            widen: tuple[float, str] | None = None, expect_dtype=None, note: str = "") -> Comparison:
     """Compare the implementation under test `a` against the reference `b`.
 
     Order of checks: shape, then dtype (both must equal `expect_dtype` when given, else each
@@ -120,11 +120,10 @@ def compare(a, b, *, tensor: str, check: str, config: str = "", step: int | None
     finite_b = np.isfinite(b64)
     scale = float(np.max(np.abs(b64[finite_b]))) if finite_b.any() else 0.0
     tol = tolerance_for(want, scale)
-    note = ""
     if widen is not None:
         factor, reason = widen
         tol = tol.widened(factor)
-        note = f"widened x{factor:g}: {reason}"
+        note = (note + "; " if note else "") + f"widened x{factor:g}: {reason}"
     with np.errstate(invalid="ignore", over="ignore"):
         same_nonfinite = (a64 == b64) & ~np.isfinite(b64)       # identical +-inf on both sides
         err = np.where(same_nonfinite, 0.0, np.abs(a64 - b64))
