@@ -4,15 +4,34 @@ Exit status 0 only if every comparison agrees; 1 on any failure; 2 on bad argume
 """
 from __future__ import annotations
 
-import argparse
-import sys
-import time
+import os
+
+# One BLAS / intra-op thread per process, set before NumPy or torch load: configurations run in
+# parallel processes (--jobs), and more threads than cores only thrash on a small machine.
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from concurrent.futures import ProcessPoolExecutor  # noqa: E402
 
 from manual.config import PRESETS
 
 from .engine import CHECKS, run_case
 from .matrix import VARIANTS, cases
 from .report import summarize, write_json
+
+
+def _one_thread() -> None:
+    """Worker processes share the cores: one BLAS / intra-op thread each."""
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = "1"
+    try:
+        import torch
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
 
 
 def main(argv=None) -> int:
@@ -26,6 +45,8 @@ def main(argv=None) -> int:
     p.add_argument("--check", action="append", choices=CHECKS, help="only these checks (repeatable)")
     p.add_argument("--json", metavar="PATH", help="write every comparison as JSON")
     p.add_argument("--verbose", "-v", action="store_true", help="one line per tensor instead of per check")
+    p.add_argument("--jobs", "-j", type=int, default=os.cpu_count() or 1,
+                   help="configurations checked in parallel, one process each (default: CPU count)")
     args = p.parse_args(argv)
     if args.preset == "gpt2-small":
         p.error("the gpt2-small preset is for import and sizing only (124M parameters); use tiny or medium")
@@ -36,11 +57,19 @@ def main(argv=None) -> int:
         p.error(str(exc))
     checks = tuple(args.check) if args.check else CHECKS
     t0 = time.perf_counter()
-    results = []
+    if args.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")
     for case in todo:
         if args.preset != "tiny":   # bigger presets: fewer optimizer steps and tokens keep it interactive
             case.opt_steps, case.gen_tokens = 3, 5
-        results += run_case(case, checks)
+    results = []
+    if args.jobs == 1 or len(todo) == 1:
+        for case in todo:
+            results += run_case(case, checks)
+    else:
+        with ProcessPoolExecutor(max_workers=args.jobs, initializer=_one_thread) as pool:
+            for part in pool.map(run_case, todo, [checks] * len(todo)):
+                results += part
     passed = summarize(results, verbose=args.verbose)
     print(f"({len(todo)} configurations, {time.perf_counter() - t0:.1f} s)")
     if args.json:

@@ -13,6 +13,9 @@ For one `Case` (a config, a seed and a batch shape) `run_case` does, in this ord
                          parameter and every piece of optimizer state after each step;
     7. generation        greedy 30 tokens, and temperature + top-k sampling driven by one shared
                          stream of uniform draws, token for token;
+    9. training          (cases with train_steps > 0) both trained for train_steps steps with the
+                         same loop, data order and schedule (conformance/training.py): the loss of
+                         every step and every weight at the end.
     8. memory            parameter / gradient / optimizer-state bytes equal in both and equal to
                          closed forms; manual activation bytes equal to manual/memory.py's closed
                          form; manual / reference (autograd saved tensors) ratio <= 1; tracemalloc
@@ -41,7 +44,7 @@ from manual.config import ModelConfig
 from .compare import Comparison, compare, compare_exact
 
 CHECKS = ("param_count", "logits", "loss", "activation", "activation_grad", "param_grad",
-          "optimizer", "generation", "memory")
+          "optimizer", "generation", "memory", "training")
 
 OPT_STEPS = 20
 GEN_TOKENS = 30
@@ -57,6 +60,7 @@ class Case:
     pad: bool = True                 # put PAD among the targets
     opt_steps: int = OPT_STEPS
     gen_tokens: int = GEN_TOKENS
+    train_steps: int = 0             # > 0: also the long training-equivalence check (float64 only)
 
     @property
     def T(self) -> int:
@@ -302,6 +306,10 @@ def run_case(case: Case, checks=CHECKS, sides: Sides | None = None, workdir=None
             out += check_generation(case, m, r, sides)
         if "memory" in checks:
             out += check_memory(case, path, m, r, ids, targets, sides)
+        if "training" in checks and case.train_steps > 0:
+            from .training import training_equivalence
+            out += training_equivalence(case.cfg, steps=case.train_steps, seed=case.seed,
+                                        label=f"{_label(case)}.train{case.train_steps}")
         del m, r
         gc.collect()
     return out

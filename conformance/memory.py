@@ -15,11 +15,19 @@ Bytes are split into categories (DESIGN.md):
                       against manual.memory's predicted peak.
 
 NumPy allocations are exact under tracemalloc; torch tensors are counted by element size.
+
+What tools/memprof.py adds on top, kept here so that both read one accounting:
+    predicted_phases      the closed form of every category after each phase of a training step
+    manual_cache_tensors  the manual caches tensor by tensor (sums to Model.cache_breakdown)
+    saved_tensors         autograd's saved tensors tensor by tensor, with the module that saved
+                          them and the grad_fn that holds them (sums to activation_saved_bytes)
+    TorchTensorTracker    live bytes of the torch tensors created inside a block, and their peak
 """
 from __future__ import annotations
 
 import gc
 import tracemalloc
+import weakref
 
 import numpy as np
 
@@ -161,3 +169,267 @@ def manual_peak_bytes(model, ids, targets) -> int:
     finally:
         tracemalloc.stop()
     return peak - base
+
+
+# -- per phase closed forms (tools/memprof.py) ---------------------------------------------------
+
+PHASES = ("init", "forward", "backward", "optimizer_step")
+CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "other")
+
+
+def predicted_phases(cfg, B: int, T: int, optimizer: str = "adamw") -> dict:
+    """Closed-form bytes of each category after each phase of the FIRST training step (manual side).
+
+    {phase: {category: bytes or None, "total": ..., "peak": ...}}; None where no closed form exists.
+        init            parameters + gradient buffers (manual allocates them zeroed; the reference
+                        too, `p.grad = zeros`); optimizer state is created lazily at the first step
+        forward         + activations (manual.memory.activation_bytes); other = the forward's taps
+                        and logits that are not also cached: held_after_forward_bytes - activations
+        backward        + other grows by the tap gradients (tap_grad_bytes); peak = parameters +
+                        gradients + manual.memory.peak_bytes (= peak_bytes_closed_form)
+        optimizer_step  + optimizer state (closed_forms)
+    The caches, taps and tap gradients stay alive until the next forward replaces them.
+    """
+    from manual import memory as mmem
+
+    closed = closed_forms(cfg, optimizer)
+    act = mmem.activation_bytes(cfg, B, T)
+    held = mmem.held_after_forward_bytes(cfg, B, T)
+    grads_of_taps = mmem.tap_grad_bytes(cfg, B, T)
+    base = {"parameters": closed["parameters"], "gradients": closed["gradients"], "optimizer_state": 0}
+    out = {
+        "init": {**base, "activations": 0, "other": None, "peak": None},
+        "forward": {**base, "activations": act, "other": held - act, "peak": None},
+        "backward": {**base, "activations": act, "other": held - act + grads_of_taps,
+                     "peak": mmem.peak_bytes_closed_form(cfg, B, T)},
+        "optimizer_step": {**base, "optimizer_state": closed["optimizer_state"], "activations": act,
+                           "other": held - act + grads_of_taps, "peak": None},
+    }
+    for row in out.values():
+        row["total"] = None if any(row[c] is None for c in CATEGORIES) else sum(row[c] for c in CATEGORIES)
+    return out
+
+
+# -- tensor by tensor: manual caches ------------------------------------------------------------
+
+# What each position of a manual cache holds (manual/layers/*: the cache each forward returns), by layer
+# kind and index path. A position not listed here is shown by its path ("cache[3]").
+_CACHE_NAMES = {
+    "embed": {(): "ids"},
+    "ln": {(0,): "xhat", (1,): "rstd"},
+    "attn": {(0, 0): "input", (1,): "qkv", (2,): "qkv", (3,): "qkv", (4,): "probs|lse", (5, 0): "ctx"},
+    "mlp": {(0, 0): "input", (1,): "act", (1, 0): "fc", (1, 1): "act", (2, 0): "act"},
+    "lm_head": {(0,): "ln_f.out"},
+    "mtp": {(0, 0): "ln_f.out", (1, 0): "out"},
+    "loss": {(0,): "softmax p", (1,): "targets"},
+}
+
+
+def _owner(a: np.ndarray) -> np.ndarray:
+    """The array that owns a view's memory (follow .base while it is an ndarray)."""
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a
+
+
+def _walk(obj, path=()):
+    """(index path, ndarray) for every array inside nested tuples / lists / dicts."""
+    if isinstance(obj, np.ndarray):
+        yield path, obj
+    elif isinstance(obj, (tuple, list)):
+        for i, item in enumerate(obj):
+            yield from _walk(item, path + (i,))
+    elif isinstance(obj, dict):
+        for key, item in obj.items():
+            yield from _walk(item, path + (key,))
+
+
+def manual_cache_tensors(model) -> list[dict]:
+    """Every buffer the manual model's last forward keeps for backward, in forward order.
+
+    Same rules as Model.cache_breakdown (each owning buffer once, at the first layer that holds it;
+    parameters excluded), so the bytes summed per layer equal cache_breakdown() entry by entry.
+    Each row: layer, name, shape, dtype, bytes, tap (the tap that shares the buffer, if one does).
+    """
+    c = model._cache
+    if c is None:
+        return []
+    seen = {id(_owner(a)) for a in model.params.values()}
+    tap_of = {}
+    for name, t in model.taps.items():
+        tap_of.setdefault(id(_owner(t)), name)
+    parts = [("embed", "embed", c.embed)]
+    for i, blk in enumerate(c.blocks):
+        parts += [(f"h.{i}.ln_1", "ln", blk[0]), (f"h.{i}.attn", "attn", blk[1]),
+                  (f"h.{i}.ln_2", "ln", blk[2]), (f"h.{i}.mlp", "mlp", blk[3])]
+    parts += [("ln_f", "ln", c.ln_f), ("lm_head", "lm_head", c.head)]
+    parts += [(f"mtp.{j}", "mtp", c.mtp[j - 2]) for j in range(2, model.cfg.n_future + 1)]
+    if c.loss is not None:
+        parts += [(f"loss.{j}", "loss", c.loss[j - 1]) for j in range(1, model.cfg.n_future + 1)]
+    rows = []
+    for layer, kind, obj in parts:
+        for path, a in _walk(obj):
+            owner = _owner(a)
+            if id(owner) in seen:
+                continue
+            seen.add(id(owner))
+            name = _CACHE_NAMES[kind].get(path, "cache" + "".join(f"[{i}]" for i in path))
+            if name == "probs|lse":
+                name = "probs" if owner.ndim == 4 and owner.shape[-1] == owner.shape[-2] else "lse"
+            rows.append({"layer": layer, "name": name, "shape": list(owner.shape), "dtype": str(owner.dtype),
+                         "bytes": int(owner.nbytes), "tap": tap_of.get(id(owner), "")})
+    return rows
+
+
+# -- tensor by tensor: what autograd saves ------------------------------------------------------
+
+def saved_tensors(model, run) -> list[dict]:
+    """The tensors autograd saves for backward while `run()` executes a forward of `model`
+    (a reference.Model); `run` returns the loss tensor.
+
+    The rules of reference.optim.activation_saved_bytes: every saved tensor is counted by its
+    storage, each storage once (by data_ptr), storages of parameters and module buffers excluded.
+    Each row: module (the innermost module running when the tensor was saved, from forward hooks;
+    "(GPT.forward)" for the loss, computed outside any submodule), op (a grad_fn that holds the
+    storage, and its attribute), shape, dtype, bytes (the storage's, 0 for a storage already
+    counted), storage (its data_ptr, to match it against other accounts while it is alive).
+    """
+    import torch
+
+    module = model.module
+    state = list(module.parameters()) + list(module.buffers())
+    excluded = {t.untyped_storage().data_ptr() for t in state}
+    stack: list[str] = []
+    rows: list[dict] = []
+    counted: set[int] = set()
+
+    def pack(t):
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in excluded:
+            rows.append({"module": stack[-1] if stack else "(GPT.forward)", "op": "", "storage": ptr,
+                         "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""),
+                         "bytes": 0 if ptr in counted else int(storage.nbytes())})
+            counted.add(ptr)
+        return t
+
+    def enter(name):
+        def hook(_module, _args):
+            stack.append(name)           # returns None: the input is left unchanged
+        return hook
+
+    def leave(_module, _args, _output):
+        stack.pop()                      # returns None: the output is left unchanged
+
+    handles = []
+    for name, sub in module.named_modules():
+        if name:
+            handles += [sub.register_forward_pre_hook(enter(name)), sub.register_forward_hook(leave)]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = run()
+    finally:
+        for h in handles:
+            h.remove()
+    ops = _saved_by(loss.grad_fn) if loss is not None and loss.grad_fn is not None else {}
+    for row in rows:
+        row["op"] = ops.get(row["storage"], "")
+    return rows
+
+
+def _saved_by(root) -> dict[int, str]:
+    """{storage data_ptr: "GradFnName._saved_attr"} for the tensors the graph under `root` holds."""
+    import torch
+
+    out, seen, todo = {}, set(), [root]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for attr in dir(node):
+            if not attr.startswith("_saved_"):
+                continue
+            try:
+                value = getattr(node, attr)
+            except RuntimeError:          # a saved tensor already freed
+                continue
+            for t in value if isinstance(value, (list, tuple)) else (value,):
+                if isinstance(t, torch.Tensor):
+                    out.setdefault(t.untyped_storage().data_ptr(), f"{type(node).__name__}.{attr[7:]}")
+        todo += [n for n, _ in node.next_functions]
+    return out
+
+
+# -- live torch tensors -------------------------------------------------------------------------
+
+class TorchTensorTracker:
+    """Live bytes of the torch tensors that operators create inside a `with` block, and their peak.
+
+    Every operator's output (forward, autograd's backward kernels, optimizer updates) is seen
+    through a TorchDispatchMode and counted by its storage, each storage once; a storage leaves
+    the count when the last tracked tensor using it is freed (weakref). Storages in `exclude`
+    (the parameters, gradient buffers and optimizer state that existed before the block, which
+    in-place updates hand back as outputs) are never counted. Kernel-internal scratch buffers
+    that no operator returns are not seen.
+    """
+
+    def __init__(self, exclude=()):
+        self.exclude = {t.untyped_storage().data_ptr() for t in exclude}
+        self.live: dict[int, int] = {}          # storage data_ptr -> bytes, while alive
+        self.refs: dict[int, int] = {}          # storage data_ptr -> tracked tensors using it
+        self.current = self.peak = 0            # live bytes now / highest since reset_peak()
+        self.allocations = self.allocated_bytes = 0   # storages created, and their bytes, in total
+        self._mode = None
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        tracker = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in tree_leaves(out):
+                    tracker._track(t)
+                return out
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+
+    def _track(self, t) -> None:
+        import torch
+
+        if not isinstance(t, torch.Tensor):
+            return
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key in self.exclude or storage.nbytes() == 0:
+            return
+        if key not in self.live:
+            self.live[key] = storage.nbytes()
+            self.current += self.live[key]
+            self.peak = max(self.peak, self.current)
+            self.allocations += 1
+            self.allocated_bytes += self.live[key]
+        self.refs[key] = self.refs.get(key, 0) + 1
+        weakref.finalize(t, self._release, key)
+
+    def reset_peak(self) -> None:
+        self.peak = self.current
+
+    def live_bytes(self, excluding=()) -> int:
+        """Bytes of the tracked storages alive now, leaving out the data_ptrs in `excluding`."""
+        skip = set(excluding)
+        return sum(n for ptr, n in self.live.items() if ptr not in skip)
+
+    def _release(self, key: int) -> None:
+        self.refs[key] -= 1
+        if not self.refs[key]:
+            del self.refs[key]
+            self.current -= self.live.pop(key)

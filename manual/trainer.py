@@ -218,9 +218,9 @@ class Trainer:
 
     # -- checkpoints --------------------------------------------------------------------------
 
-    def checkpoint_metadata(self) -> dict[str, str]:
-        """The training metadata of a checkpoint (all strings), plus extra_metadata."""
-        _tensors, opt_meta = self.optimizer.state_dict()
+    def checkpoint_metadata(self, opt_meta: dict) -> dict[str, str]:
+        """The training metadata of a checkpoint (all strings), plus extra_metadata.
+        opt_meta: the second half of optimizer.state_dict()."""
         st = self.state
         meta = dict(self.extra_metadata)
         meta.update({
@@ -240,8 +240,8 @@ class Trainer:
         to write non-finite parameters, so the previous checkpoint stays the last good one."""
         path = str(path or self.checkpoint_path)
         self._check_params_finite()
-        tensors, _meta = self.optimizer.state_dict()
-        save_model(path, self.model.cfg, self.model.params, tensors, self.checkpoint_metadata())
+        tensors, opt_meta = self.optimizer.state_dict()
+        save_model(path, self.model.cfg, self.model.params, tensors, self.checkpoint_metadata(opt_meta))
         self.last_checkpoint, self.last_checkpoint_step = path, self.state.step
         if self.on_save:
             self.on_save(self, path)

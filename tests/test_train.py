@@ -74,6 +74,24 @@ def test_resume_rejects_changed_model_flags(tmp_path, capsys):
     assert "d_model: checkpoint 64, command line 32" in capsys.readouterr().err
 
 
+def test_resume_warns_when_the_data_changed(tmp_path, capsys):
+    out = tmp_path / "a"
+    assert run(FAST + ["--max-steps", 6, "--stop-at", 3, "--out", out]) == 0
+    assert run(["--resume", out, "--synthetic", 3100]) == 0
+    assert "warning: the training data differs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_resume_on_the_other_implementation(tmp_path, impl):
+    """The optimizer state has one format, so a run continues on the other implementation."""
+    other = "reference" if impl == "manual" else "manual"
+    out = tmp_path / "a"
+    assert run(FAST + ["--impl", impl, "--max-steps", 8, "--stop-at", 4, "--out", out]) == 0
+    assert run(["--resume", out, "--impl", other, "--json", tmp_path / "s.json"]) == 0
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["impl"] == other and s["start_step"] == 4 and s["steps"] == 8
+
+
 def test_resume_missing_checkpoint(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run(["--resume", tmp_path / "nothing"])

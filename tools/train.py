@@ -30,6 +30,7 @@ the run with a message naming the step; the last good checkpoint is left as it w
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -183,7 +184,8 @@ def main(argv=None) -> int:
         parser.error(f"argument --stop-at: {args.stop_at} is past --max-steps {args.max_steps}")
     try:
         return _run(parser, args, resume)
-    except (ValueError, FileNotFoundError) as exc:     # bad data file, invalid config, ...: say so, no traceback
+    except (ValueError, FileNotFoundError) as exc:     # while setting up: a bad data file, an invalid config, ...
+        # said in one line, without a traceback
         print(f"train.py: error: {exc}", file=sys.stderr)
         return 2
 
@@ -231,6 +233,10 @@ def _run(parser, args, resume) -> int:
         tok = KINDS[args.tokenizer].fit(text, max_vocab=max_vocab)
     ids = tok.encode(text)                                                        # (N,)
     train_ids, val_ids = train_val_split(ids, args.val_fraction)
+    data_sha256 = hashlib.sha256(train_ids.tobytes()).hexdigest()
+    if resume and resume["meta"].get("data_sha256", data_sha256) != data_sha256:
+        print(f"warning: the training data differs from the data the checkpoint was trained on "
+              f"({source}); the run continues, but not as the uninterrupted run would have", file=sys.stderr)
 
     # -- config: the preset, the flags given, the tokenizer's vocabulary and PAD
     overrides = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
@@ -286,7 +292,7 @@ def _run(parser, args, resume) -> int:
         save_every=args.save_every if out is not None else 0,
         checkpoint_path=(out / CHECKPOINT_NAME) if out is not None else None,
         extra_metadata={"tokenizer": tok.to_json(), "train_args": json.dumps(saved_args), "impl": args.impl,
-                        "data": source},
+                        "data": source, "data_sha256": data_sha256},
         on_step=log.on_step, on_eval=log.on_eval, should_stop=should_stop)
     if resume:
         trainer.restore(resume["extras"], resume["meta"], path=resume["path"])
@@ -295,6 +301,8 @@ def _run(parser, args, resume) -> int:
     previous = signal.signal(signal.SIGINT, on_sigint) if _main_thread() else None
     try:
         result = trainer.run(stop_at=args.stop_at)
+    except (ValueError, FileNotFoundError) as exc:    # not a usage error: keep the traceback (see main)
+        raise RuntimeError(f"training failed at step {trainer.state.step + 1}: {exc}") from exc
     finally:
         log.close()
         if previous is not None:

@@ -56,16 +56,26 @@ _SB = (1.0, 3.03380607434824582924e+01, 3.25792512996573918826e+02, 1.5367295860
        -2.24409524465858183362e+01)
 
 
-def _poly(coeffs, x):
-    """c0 + c1 x + c2 x^2 + ... by Horner's rule (float64)."""
-    out = np.full_like(x, coeffs[-1])
-    for c in coeffs[-2::-1]:
+def _poly(coeffs, x, out=None):
+    """c0 + c1 x + c2 x^2 + ... by Horner's rule (float64; one multiply and one add per degree)."""
+    out = np.multiply(x, coeffs[-1], out=out)
+    out += coeffs[-2]
+    for c in coeffs[-3::-1]:
         out *= x
         out += c
     return out
 
 
-_ERF_CHUNK = 32768  # entries per pass: 256 kB of float64, so the ~40 passes of the polynomials stay in cache
+# Speed: erf and gelu run over the input in chunks of _ERF_CHUNK entries, every pass writing into
+# a few preallocated float64 work arrays of one chunk each (4 x 128 kB): the ~30 passes of the
+# polynomials then stay in the L2 cache, and no pass allocates (fresh arrays above ~128 kB are
+# mmap-ed and page-faulted in by the OS on every call, which costs more than the arithmetic).
+_ERF_CHUNK = 16384
+
+
+def _work(n, count, dtype=np.float64):
+    """`count` scratch arrays for chunks of up to min(n, _ERF_CHUNK) entries."""
+    return [np.empty(min(n, _ERF_CHUNK), dtype=dtype) for _ in range(count)]
 
 
 def erf(x: np.ndarray) -> np.ndarray:
@@ -76,42 +86,65 @@ def erf(x: np.ndarray) -> np.ndarray:
     float32 erf can return (evaluating the polynomials in float32 would lose ~3 bits to
     cancellation near x = 0.84 and in the exp() of the erfc branches). Output dtype = input dtype.
     The input is processed in chunks of _ERF_CHUNK entries (speed: the temporaries stay in
-    cache; memory: the float64 workspace is bounded by a few chunks).
+    cache; memory: the float64 workspace is bounded by four chunks).
     """
     x = np.asarray(x)
-    flat = x.reshape(-1)
+    flat = x.reshape(-1)                                      # (N,)
     out = np.empty(flat.shape, dtype=x.dtype)                 # (N,)
-    for start in range(0, flat.size, _ERF_CHUNK):
-        chunk = flat[start:start + _ERF_CHUNK]
-        out[start:start + _ERF_CHUNK] = _erf_chunk(chunk)      # float64 -> x.dtype, explicit cast
+    xw, ew, zw, qw = _work(flat.size, 4)
+    tails = []
+    with np.errstate(over="ignore", invalid="ignore"):        # see _erf_small: overwritten entries only
+        for start in range(0, flat.size, _ERF_CHUNK):
+            n = min(_ERF_CHUNK, flat.size - start)
+            xc, e = xw[:n], ew[:n]
+            np.copyto(xc, flat[start:start + n])              # x.dtype -> float64
+            tails.append(_erf_small(xc, e, zw[:n], qw[:n]) + start)
+            out[start:start + n] = e                          # float64 -> x.dtype, explicit cast
+    tail = np.concatenate(tails) if tails else np.empty(0, dtype=np.intp)
+    if tail.size:                                             # |x| >= 0.84375: the other intervals
+        out[tail] = _erf_large(flat[tail].astype(np.float64))
     return out.reshape(x.shape)
 
 
-def _erf_chunk(x):
-    """erf of a flat chunk, in float64 (the five intervals above, each on its own entries)."""
-    a = np.abs(x, dtype=np.float64)                           # |x| in float64 (a new array)
-    out = np.ones_like(a)                                     # |x| >= 6 (and +-inf): erf = 1
-    out[np.isnan(a)] = np.nan
-    m = np.flatnonzero(a < 0.84375)                           # |x| < 0.84375: |x| + |x| P/Q
-    if m.size:
-        xa = a[m]
-        z = xa * xa
-        out[m] = xa + xa * (_poly(_PP, z) / _poly(_QQ, z))
-    m = np.flatnonzero((a >= 0.84375) & (a < 1.25))           # s = |x| - 1: erx + P/Q
+def _erf_small(x, out, z, q):
+    """out = x + x P(x^2) / Q(x^2) for every entry of the float64 chunk x; returns the indices
+    (into x) of the entries with |x| >= 0.84375, whose value in `out` is NOT erf(x) and which
+    the caller evaluates with `_erf_large`. z and q are scratch arrays of x's shape.
+
+    Speed: the first interval's formula is odd, so it is evaluated on the signed x of EVERY
+    entry (no abs, no gather, no copysign; a GELU's inputs lie mostly in |x| < 0.84375), and the
+    few others are gathered once per call, not once per chunk. Large |x| may overflow x^2 here
+    (inf / inf = nan, under np.errstate in the caller): those entries are among the returned
+    indices (x^2 >= 0.84375^2, exact in float64). nan stays nan and is not returned.
+    """
+    np.multiply(x, x, out=z)
+    _poly(_PP, z, out=out)                                    # |x| < 0.84375: x + x P/Q
+    out /= _poly(_QQ, z, out=q)
+    out *= x
+    out += x
+    return np.flatnonzero(z >= 0.84375 * 0.84375)
+
+
+def _erf_large(x):
+    """erf of a flat float64 array whose entries have |x| >= 0.84375 (erf(-x) = -erf(x))."""
+    return np.copysign(_erf_tail(np.abs(x)), x)
+
+
+def _erf_tail(a):
+    """erf(a) for a >= 0.84375 (a flat float64 array, usually a small fraction of the input)."""
+    out = np.ones_like(a)                                     # a >= 6 (and +inf): erf = 1
+    m = np.flatnonzero(a < 1.25)                              # s = a - 1: erx + P/Q
     if m.size:
         s = a[m] - 1.0
         out[m] = _ERX + _poly(_PA, s) / _poly(_QA, s)
-    m = np.flatnonzero((a >= 1.25) & (a < 6.0))               # erf = 1 - erfc
-    if m.size:
-        xa = a[m]
-        s = 1.0 / (xa * xa)
-        small = xa < 1.0 / 0.35
-        r = np.where(small, _poly(_RA, s), _poly(_RB, s))
-        q = np.where(small, _poly(_SA, s), _poly(_SB, s))
-        z = (xa.view(np.uint64) & np.uint64(0xFFFFFFFF00000000)).view(np.float64)  # upper 32 bits of x
-        erfc = np.exp(-z * z - 0.5625) * np.exp((z - xa) * (z + xa) + r / q) / xa
-        out[m] = 1.0 - erfc
-    np.copysign(out, x, out=out)                              # erf(-x) = -erf(x)
+    for lo, hi, R, S in ((1.25, 1.0 / 0.35, _RA, _SA), (1.0 / 0.35, 6.0, _RB, _SB)):  # erf = 1 - erfc
+        m = np.flatnonzero((a >= lo) & (a < hi))
+        if m.size:
+            xa = a[m]
+            s = 1.0 / (xa * xa)
+            z = (xa.view(np.uint64) & np.uint64(0xFFFFFFFF00000000)).view(np.float64)  # upper 32 bits of x
+            erfc = np.exp(-z * z - 0.5625) * np.exp((z - xa) * (z + xa) + _poly(R, s) / _poly(S, s)) / xa
+            out[m] = 1.0 - erfc
     return out
 
 
@@ -134,8 +167,33 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
 def gelu_forward(x):
-    """y = 0.5 x (1 + erf(x / sqrt 2)) = x Phi(x).  (...) -> (...); the cache is (x, y)."""
-    y = 0.5 * x * (1.0 + erf(x * _INV_SQRT2))                  # (...) Python floats are weak: dtype stays x's
+    """y = 0.5 x (1 + erf(x / sqrt 2)) = x Phi(x).  (...) -> (...); the cache is (x, y).
+
+    Evaluated in float64 chunk by chunk, like `erf` (speed), and rounded once to x's dtype, so
+    a float32 y is the correctly rounded float64 value.
+    """
+    y = np.empty(x.shape, dtype=x.dtype)                       # (...) C order, so yf below is a view
+    xf, yf = x.reshape(-1), y.reshape(-1)                      # (N,)
+    uw, ew, zw, qw = _work(xf.size, 4)
+    tails = []
+    with np.errstate(over="ignore", invalid="ignore"):         # see _erf_small
+        for start in range(0, xf.size, _ERF_CHUNK):
+            n = min(_ERF_CHUNK, xf.size - start)
+            xc, u, e = xf[start:start + n], uw[:n], ew[:n]
+            np.multiply(xc, _INV_SQRT2, out=u, dtype=np.float64)  # x / sqrt 2 in float64
+            tails.append(_erf_small(u, e, zw[:n], qw[:n]) + start)  # erf(x / sqrt 2), but for the tails
+            e += 1.0
+            np.multiply(e, xc, out=e)
+            e *= 0.5                                           # 0.5 x (1 + erf(x / sqrt 2))
+            yf[start:start + n] = e                            # float64 -> x's dtype, explicit cast
+    tail = np.concatenate(tails) if tails else np.empty(0, dtype=np.intp)
+    if tail.size:                                              # |x / sqrt 2| >= 0.84375: the same, with _erf_large
+        xt = xf[tail].astype(np.float64)
+        e = _erf_large(xt * _INV_SQRT2)
+        e += 1.0
+        e *= xt
+        e *= 0.5
+        yf[tail] = e
     return y, (x, y)
 
 
@@ -146,15 +204,27 @@ def gelu_backward(dy, cache):
     anyway (the MLP's c_proj needs it), and erf would cost several float64 temporaries of the
     input's size (B*T*F each) at the moment the backward holds the most memory. y / x is Phi(x)
     to within 2 ulp wherever Phi(x) is a normal number (x > -13 in float32).
+    Computed in the input's dtype, chunk by chunk into preallocated work arrays (speed, as erf).
     """
     x, y = cache
-    cdf = np.divide(y, x, out=np.full_like(x, 0.5), where=x != 0)  # (...) Phi(x)
-    pdf = np.exp(-0.5 * x * x)                                 # (...)
-    pdf *= _INV_SQRT_2PI                                       # phi(x)
-    pdf *= x
-    pdf += cdf                                                 # Phi(x) + x phi(x)
-    pdf *= dy
-    return pdf                                                 # (...)
+    dx = np.empty(x.shape, dtype=x.dtype)                      # (...) C order, so dxf below is a view
+    xf, yf, dyf, dxf = x.reshape(-1), y.reshape(-1), dy.reshape(-1), dx.reshape(-1)
+    cdfw, pdfw = _work(xf.size, 2, x.dtype)
+    (nzw,) = _work(xf.size, 1, np.bool_)
+    for start in range(0, xf.size, _ERF_CHUNK):
+        sl, n = slice(start, start + _ERF_CHUNK), min(_ERF_CHUNK, xf.size - start)
+        xc, cdf, pdf, nz = xf[sl], cdfw[:n], pdfw[:n], nzw[:n]
+        np.not_equal(xc, 0, out=nz)
+        cdf.fill(0.5)
+        np.divide(yf[sl], xc, out=cdf, where=nz)               # Phi(x) = y / x (0.5 at x == 0)
+        np.multiply(xc, xc, out=pdf)
+        pdf *= -0.5
+        np.exp(pdf, out=pdf)
+        pdf *= _INV_SQRT_2PI                                   # phi(x)
+        pdf *= xc
+        pdf += cdf                                             # Phi(x) + x phi(x)
+        np.multiply(pdf, dyf[sl], out=dxf[sl])
+    return dx                                                  # (...)
 
 
 # -- gelu_tanh ---------------------------------------------------------------------------------

@@ -1,0 +1,556 @@
+"""The bug zoo: real gradient bugs, injected one at a time into the MANUAL implementation.
+
+Every fault here is a bug that someone actually shipped or lost days to: the blog post whose
+hand-built C++ transformer this project re-derives ("gradients not zeroed", "multiplied
+instead of accumulated", "a layer norm that quietly changed shape", "a transposed embedding
+gradient", the FFN bias B2 declared [1, d_ff]), and the classics of llm.c / nanoGPT /
+micrograd issue threads (unbiased variance, a missing 1/sqrt(D), a causal mask off by one,
+PAD counted in the mean, tanh-GELU for erf-GELU, AdamW without bias correction, ...).
+
+Nothing here is active unless asked for:
+
+    with inject("ln_gamma_grad_assigned") as sides:      # manual/ is patched inside the block only
+        engine.run_case(case, checks, sides)            # the conformance suite now fails
+    # ... and everything is restored here, even after an exception
+
+How a fault is injected (so that it survives refactors of manual/layers' internals):
+  * layer faults REPLACE a forward/backward PAIR (`layernorm_forward` and `layernorm_backward`,
+    ...) by a small buggy copy written below, or WRAP one function around the original
+    (call it, then add the bug). Either way they depend only on the functions' names and
+    signatures, never on the shape of a cache. The replacement is done by identity: every
+    module of the `manual` package that holds the original function object (as a global, or
+    inside a module-level dict of (forward, backward) pairs such as ACTIVATIONS) gets the
+    buggy one, and the original is put back on exit.
+  * model / optimizer faults are subclasses handed to the conformance engine through
+    `conformance.engine.Sides` (`Sides.manual`, `Sides.manual_optim`).
+
+Each `Fault` says where the bug lives (`expected`: the canonical name of the tensor the
+debugger must name first, in its walk order: taps forward, then "loss", then `grad.<tap>`
+backward, then `grad.<param>` in reverse registry order, then the optimizer trajectory in
+step order as `adamw.<what>.<name>`), which conformance checks expose it, and the case it
+needs (config overrides on the tiny preset, always float64 so the tolerance is 1e-9).
+`python tools/layerdiff.py --zoo` runs them all; `--list-faults` lists them.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import types
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+
+import manual
+import manual.layers
+import manual.optim
+from manual.config import ModelConfig
+
+FWD_CHECKS = ("logits", "loss", "activation", "activation_grad", "param_grad")
+OPT_CHECKS = ("optimizer",)
+
+
+@dataclass(frozen=True)
+class Fault:
+    name: str
+    description: str          # the bug, with the buggy line as it would read in the code
+    origin: str               # where this bug comes from
+    expected: str             # the tensor where the fault lives: what the debugger must name first
+    stage: str                # 'forward', 'backward' or 'optimizer': where it first shows
+    checks: tuple             # the conformance checks that expose it
+    patch: object             # () -> context manager yielding the Sides to run with
+    config: dict = field(default_factory=dict)   # ModelConfig overrides on the tiny preset
+    batch: int = 2
+    seq_len: int = 8
+    pad: bool = True          # PAD among the targets (the engine's make_batch)
+    opt_steps: int = 0        # optimizer trajectory steps the fault needs (0: one forward/backward)
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig.preset("tiny", **{"dtype": "float64", **self.config})
+
+    def case(self):
+        from conformance.engine import Case
+        return Case(label=f"zoo.{self.name}", cfg=self.model_config(), seed=0, batch=self.batch,
+                    seq_len=self.seq_len, pad=self.pad, opt_steps=max(self.opt_steps, 1), gen_tokens=4)
+
+    def summary(self) -> dict:
+        return {"name": self.name, "stage": self.stage, "expected": self.expected, "checks": list(self.checks),
+                "config": dict(self.config), "batch": self.batch, "seq_len": self.seq_len,
+                "opt_steps": self.opt_steps, "description": self.description, "origin": self.origin}
+
+
+# ------------------------------------------------------------------------------------------------
+# patching machinery
+
+def _manual_modules():
+    return [m for n, m in sorted(sys.modules.items())
+            if (n == "manual" or n.startswith("manual.")) and isinstance(m, types.ModuleType)]
+
+
+@contextmanager
+def replaced(replacements: dict):
+    """Replace functions by identity in every module of the `manual` package, restore on exit.
+
+    `replacements` maps original function objects to their stand-ins. Module globals that are
+    an original are replaced, and so are the items of module-level dicts whose values are an
+    original or a tuple holding one (the ACTIVATIONS table of (forward, backward) pairs).
+    """
+    by_id = {id(k): v for k, v in replacements.items()}
+    undo = []
+    try:
+        for mod in _manual_modules():
+            for attr, value in list(vars(mod).items()):
+                if id(value) in by_id:
+                    undo.append((vars(mod), attr, value))
+                    vars(mod)[attr] = by_id[id(value)]
+                elif isinstance(value, dict):
+                    for key, item in list(value.items()):
+                        if id(item) in by_id:
+                            undo.append((value, key, item))
+                            value[key] = by_id[id(item)]
+                        elif isinstance(item, tuple) and any(id(x) in by_id for x in item):
+                            undo.append((value, key, item))
+                            value[key] = tuple(by_id.get(id(x), x) for x in item)
+        missing = [getattr(f, "__name__", f) for f in replacements
+                   if not any(orig is f for _d, _k, orig in undo)
+                   and not any(isinstance(orig, tuple) and f in orig for _d, _k, orig in undo)]
+        if missing:
+            raise RuntimeError(f"fault injection found no reference to {missing} in the manual package")
+        yield
+    finally:
+        for d, key, value in reversed(undo):
+            d[key] = value
+
+
+def _default_sides(**overrides):
+    from conformance.engine import Sides
+    sides = Sides.default()
+    for k, v in overrides.items():
+        setattr(sides, k, v)
+    return sides
+
+
+def _layer_patch(replacements_fn):
+    """A fault patch from a function returning {original: replacement} (evaluated at injection time,
+    so the originals are whatever manual/layers holds then)."""
+    @contextmanager
+    def patch():
+        with replaced(replacements_fn()):
+            yield _default_sides()
+    return patch
+
+
+# ------------------------------------------------------------------------------------------------
+# buggy copies of layers. Each is the correct layer with ONE thing changed (marked "BUG").
+
+def layernorm_pair(*, ddof=0, eps=None, axis=-1, dgamma="accumulate", dbeta="accumulate", dx_mean_term=True):
+    """A layer norm forward/backward pair with one bug switched on.
+
+    Correct:  mean, biased var over the last axis, rstd = 1/sqrt(var + cfg.ln_eps),
+              dgamma += sum_{B,T} dy * xhat,  dbeta += sum_{B,T} dy,
+              dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),  g = dy * gamma
+    """
+    def layernorm_forward(x, w, b, ln_eps):
+        e = ln_eps if eps is None else eps                     # BUG if eps is set: a hard-coded epsilon
+        mean = x.mean(axis=axis, keepdims=True)                # BUG if axis != -1: normalised over T
+        xc = x - mean
+        var = np.sum(xc * xc, axis=axis, keepdims=True) / (x.shape[axis] - ddof)   # BUG if ddof=1
+        rstd = 1.0 / np.sqrt(var + e)
+        xhat = xc * rstd
+        y = xhat * w
+        if b is not None:
+            y = y + b
+        return y, (xhat, rstd, w)
+
+    def layernorm_backward(dy, cache, dw, db=None):
+        xhat, rstd, w = cache
+        C = dy.shape[-1]
+        per_pos_w = (dy * xhat).reshape(-1, C)                 # (N, C) one row per position
+        per_pos_b = dy.reshape(-1, C)
+        if dgamma == "accumulate":
+            dw += per_pos_w.sum(axis=0)
+        elif dgamma == "assign_in_loop":
+            dw[...] = per_pos_w[-1]                            # BUG: `dgamma = dy[t] * xhat[t]` in the loop over t
+        elif dgamma == "multiply":
+            dw *= per_pos_w.sum(axis=0)                        # BUG: `dgamma *= ...` where `+=` belongs
+        if db is not None:
+            if dbeta == "accumulate":
+                db += per_pos_b.sum(axis=0)
+            elif dbeta == "multiply":
+                db *= per_pos_b.sum(axis=0)                    # BUG: `dbeta *= ...`
+        g = dy * w
+        dx = g - xhat * np.mean(g * xhat, axis=-1, keepdims=True)
+        if dx_mean_term:
+            dx = dx - g.mean(axis=-1, keepdims=True)           # (BUG when left out: the path through the mean)
+        return dx * rstd
+    return layernorm_forward, layernorm_backward
+
+
+def attention_pair(*, scale=True, mask_offset=0, split="transpose", softmax_row_term=True):
+    """A causal self-attention forward/backward pair (standard attention) with one bug switched on.
+
+    Same signatures, taps and recorded gradients as manual/layers/attention.py; flash attention
+    is passed through to the original functions untouched.
+    """
+    orig_fwd, orig_bwd = manual.layers.attention_forward, manual.layers.attention_backward
+    L = manual.layers
+
+    def heads(t, B, T, H, D):                                  # (B, T, C) -> (B, H, T, D)
+        if split == "reshape":
+            return t.reshape(B, H, T, D)                       # BUG: reshape where a transpose is needed
+        return t.reshape(B, T, H, D).transpose(0, 2, 1, 3)
+
+    def heads_back(d, B, T, H, D):                             # adjoint of heads(): (B, H, T, D) -> (B, T, C)
+        if split == "reshape":
+            return d.reshape(B, T, H * D)
+        return d.transpose(0, 2, 1, 3).reshape(B, T, H * D)
+
+    def attention_forward(a, W_attn, b_attn, W_proj, b_proj, n_heads, flash=False, block=L.FLASH_BLOCK):
+        if flash:
+            taps, cache = orig_fwd(a, W_attn, b_attn, W_proj, b_proj, n_heads, flash=flash, block=block)
+            return taps, ("original", cache)
+        B, T, C = a.shape
+        H, D = n_heads, C // n_heads
+        s = 1.0 / math.sqrt(D) if scale else 1.0               # BUG if scale=False: no 1/sqrt(D)
+        qkv, c_attn = L.linear_forward(a, W_attn, b_attn)      # (B, T, 3C)
+        q, k, v = (heads(qkv[..., i * C:(i + 1) * C], B, T, H, D) for i in range(3))
+        att = (q @ k.transpose(0, 1, 3, 2)) * s                # (B, H, T, T)
+        i, j = np.arange(T)[:, None], np.arange(T)[None, :]
+        masked = np.where(j > i + mask_offset, -np.inf, att)   # BUG if mask_offset=1: i sees token i+1
+        probs = np.exp(masked - masked.max(axis=-1, keepdims=True))
+        probs /= probs.sum(axis=-1, keepdims=True)
+        y = probs @ v                                          # (B, H, T, D)
+        ctx = y.transpose(0, 2, 1, 3).reshape(B, T, C)
+        out, c_proj = L.linear_forward(ctx, W_proj, b_proj)
+        taps = {"q": q, "k": k, "v": v, "att": att, "probs": probs, "ctx": ctx, "out": out}
+        return taps, ("copy", c_attn, q, k, v, probs, c_proj, s)
+
+    def attention_backward(dout, cache, dW_attn, db_attn, dW_proj, db_proj, record=None):
+        if cache[0] == "original":
+            return orig_bwd(dout, cache[1], dW_attn, db_attn, dW_proj, db_proj, record=record)
+        _, c_attn, q, k, v, probs, c_proj, s = cache
+        B, H, T, D = q.shape
+        dctx = L.linear_backward(dout, c_proj, dW_proj, db_proj)          # (B, T, C)
+        dy = dctx.reshape(B, T, H, D).transpose(0, 2, 1, 3)              # (B, H, T, D)
+        dprobs = dy @ v.transpose(0, 1, 3, 2)                            # (B, H, T, T)
+        dv = probs.transpose(0, 1, 3, 2) @ dy
+        if softmax_row_term:
+            datt = probs * (dprobs - np.sum(dprobs * probs, axis=-1, keepdims=True))
+        else:
+            datt = probs * dprobs                              # BUG: softmax backward without - sum_k p_k dp_k
+        dq = (datt @ k) * s
+        dk = (datt.transpose(0, 1, 3, 2) @ q) * s
+        dqkv = np.concatenate([heads_back(t, B, T, H, D) for t in (dq, dk, dv)], axis=-1)  # (B, T, 3C)
+        da = L.linear_backward(dqkv, c_attn, dW_attn, db_attn)
+        if record is not None:
+            record.update(out=dout, ctx=dctx, probs=dprobs, att=datt, q=dq, k=dk, v=dv)
+        return da
+    return attention_forward, attention_backward
+
+
+def loss_pair(*, subtract_max=True, count_pad=False):
+    """A cross-entropy forward/backward pair with one bug switched on (brier passes through)."""
+    orig_fwd, orig_bwd = manual.layers.loss_forward, manual.layers.loss_backward
+
+    def loss_forward(logits, targets, pad_id, temperature, kind="cross_entropy"):
+        if kind != "cross_entropy":
+            out, cache = orig_fwd(logits, targets, pad_id, temperature, kind)
+            return out, ("original", cache)
+        dtype = logits.dtype
+        z = logits / temperature                               # (B, T, V)
+        if subtract_max:
+            z = z - z.max(axis=-1, keepdims=True)
+        with np.errstate(over="ignore", invalid="ignore"):
+            e = np.exp(z)                                      # BUG without the max: exp(1000) = inf
+            sumexp = e.sum(axis=-1, keepdims=True)
+            p = e / sumexp                                     # inf / inf = nan
+            z_t = np.take_along_axis(z, targets[..., None], axis=-1)[..., 0]
+            per_pos = np.log(sumexp[..., 0]) - z_t             # (B, T)
+        valid = targets != pad_id
+        n = int(valid.sum())
+        if count_pad:
+            weight = np.ones(targets.shape, dtype=dtype)       # BUG: PAD positions summed and counted
+        else:
+            weight = valid.astype(dtype)
+        count = weight.sum()
+        loss = np.asarray(np.sum(per_pos * weight) / count if n else np.nan, dtype=dtype)
+        return (loss, n), ("copy", p, targets, weight, count, temperature, n)
+
+    def loss_backward(dloss, cache):
+        if cache[0] == "original":
+            return orig_bwd(dloss, cache[1])
+        _, p, targets, weight, count, temperature, n = cache
+        if n == 0:
+            return np.zeros_like(p)
+        w = weight * (dloss / (count * temperature))           # (B, T)
+        dz = p * w[..., None]
+        idx = targets[..., None]
+        np.put_along_axis(dz, idx, np.take_along_axis(dz, idx, axis=-1) - w[..., None], axis=-1)
+        return dz
+    return loss_forward, loss_backward
+
+
+def embedding_pair(*, lookup_grad=True, wpe_shift=0):
+    """Token + position embedding with one bug in its backward switched on."""
+    def embedding_forward(ids, wte, wpe):
+        return wte[ids] + wpe[: ids.shape[1]], ids
+
+    def embedding_backward(dx, ids, dwte, dwpe):
+        T, C = ids.shape[1], dx.shape[-1]
+        if lookup_grad:                                        # BUG when off: the tied wte loses this use
+            np.add.at(dwte, ids.reshape(-1), dx.reshape(-1, C))
+        n = min(T, dwpe.shape[0] - wpe_shift)
+        dwpe[wpe_shift:wpe_shift + n] += dx.sum(axis=0)[:n]    # BUG if wpe_shift=1: row t gets t-1's gradient
+    return embedding_forward, embedding_backward
+
+
+# -- wrappers: the original function, then the bug ---------------------------------------------------
+
+def unembed_backward_transposed():
+    orig = manual.layers.unembed_backward
+
+    def unembed_backward(dy, cache, dW):
+        correct = np.zeros_like(dW)
+        dx = orig(dy, cache, correct)
+        # BUG: dW computed as x^T dy, which is [C, V], then stored into the [V, C] buffer with a
+        # reshape (what a flat memcpy into the wrong-shaped buffer does) instead of a transpose
+        dW += correct.T.reshape(dW.shape)
+        return dx
+    return unembed_backward
+
+
+def mlp_backward_b2_one_row():
+    orig = manual.layers.mlp_backward
+
+    def mlp_backward(dout, cache, dW1, db1, dW2, db2, record=None):
+        dropped = None if db2 is None else np.zeros_like(db2)
+        dm = orig(dout, cache, dW1, db1, dW2, dropped, record=record)
+        if db2 is not None:
+            # BUG: B2 declared [1, d_ff] instead of [1, d_model]; the fix-up that made it fit
+            # copied ONE row of dout into it instead of summing dout over every position
+            db2 += dout.reshape(-1, dout.shape[-1])[0]
+        return dm
+    return mlp_backward
+
+
+# -- model and optimizer faults (subclasses handed to the engine through Sides) --------------------
+
+class ModelNoZeroGrad(manual.Model):
+    """zero_grad that zeroes nothing: every backward adds to the previous step's gradients."""
+    def zero_grad(self):
+        pass                                                   # BUG: `for g in grads: g.fill(0)` forgotten
+
+
+def _optim_namespace(**overrides):
+    ns = types.SimpleNamespace(AdamW=manual.optim.AdamW, SGD=manual.optim.SGD,
+                               clip_grad_norm_=manual.optim.clip_grad_norm_)
+    for k, v in overrides.items():
+        setattr(ns, k, v)
+    return ns
+
+
+class AdamWNoZeroGrad(manual.optim.AdamW):
+    def zero_grad(self):
+        pass                                                   # BUG: the optimizer's zero_grad does nothing
+
+
+class SGDNoZeroGrad(manual.optim.SGD):
+    def zero_grad(self):
+        pass
+
+
+class AdamWNoBiasCorrection(manual.optim.AdamW):
+    """AdamW whose update forgets the bias corrections 1 - beta1^t and 1 - beta2^t."""
+    def _update(self, name, p, g, group):
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        st = self.state.get(name)
+        if st is None:
+            st = self.state[name] = {"step": 0, "exp_avg": np.zeros_like(p), "exp_avg_sq": np.zeros_like(p)}
+        st["step"] += 1
+        m, v = st["exp_avg"], st["exp_avg_sq"]
+        p *= p.dtype.type(1 - lr * wd)
+        m *= m.dtype.type(beta1)
+        m += m.dtype.type(1 - beta1) * g
+        v *= v.dtype.type(beta2)
+        v += v.dtype.type(1 - beta2) * g * g
+        p -= p.dtype.type(lr) * m / (np.sqrt(v) + p.dtype.type(eps))   # BUG: m / (1 - b1^t), v / (1 - b2^t) missing
+
+
+class AdamWDecayEverything(manual.optim.AdamW):
+    """AdamW whose decay group holds the biases and layer norms too (only embeddings escape)."""
+    def __init__(self, params, grads, *args, groups=None, **kwargs):
+        wd = max([g.get("weight_decay", 0.0) for g in groups or []] + [kwargs.get("weight_decay", 0.0)])
+        # BUG: `decay = [p for p in params if "wte" not in n and "wpe" not in n]`: biases and norms decay
+        names = list(params)
+        emb = [n for n in names if n.startswith(("transformer.wte", "transformer.wpe"))]
+        groups = [{"names": [n for n in names if n not in emb], "weight_decay": wd},
+                  {"names": emb, "weight_decay": 0.0}]
+        super().__init__(params, grads, *args, groups=groups, **kwargs)
+
+
+def clip_grad_norm_per_tensor(grads, max_norm, norm_type=2.0, error_if_nonfinite=True):
+    """Clipping each tensor to max_norm on its own (returns the global norm, as the correct one)."""
+    items = list(grads.values()) if isinstance(grads, dict) else list(grads)
+    total = math.sqrt(sum(float(np.sum(np.square(g, dtype=np.float64))) for g in items))
+    for g in items:
+        n = float(np.sqrt(np.sum(np.square(g, dtype=np.float64))))
+        g *= g.dtype.type(min(1.0, max_norm / (n + 1e-6)))    # BUG: per tensor, not by the global norm
+    return total
+
+
+@contextmanager
+def _sides_patch(**sides):
+    yield _default_sides(**sides)
+
+
+def _sides(**sides):
+    return lambda: _sides_patch(**sides)
+
+
+# ------------------------------------------------------------------------------------------------
+# the zoo
+
+def _ln(**bug):
+    return _layer_patch(lambda: dict(zip((manual.layers.layernorm_forward, manual.layers.layernorm_backward),
+                                         layernorm_pair(**bug))))
+
+
+def _attn(**bug):
+    return _layer_patch(lambda: dict(zip((manual.layers.attention_forward, manual.layers.attention_backward),
+                                         attention_pair(**bug))))
+
+
+def _loss(**bug):
+    return _layer_patch(lambda: dict(zip((manual.layers.loss_forward, manual.layers.loss_backward),
+                                         loss_pair(**bug))))
+
+
+def _embed(**bug):
+    return _layer_patch(lambda: dict(zip((manual.layers.embedding_forward, manual.layers.embedding_backward),
+                                         embedding_pair(**bug))))
+
+
+def _gelu_swap():
+    from manual.layers import activations as A
+    return {A.gelu_forward: A.gelu_tanh_forward, A.gelu_backward: A.gelu_tanh_backward}
+
+
+FAULTS: list[Fault] = [
+    Fault("grads_not_zeroed",
+          "zero_grad does nothing (model and optimizer): step 2's gradients are step 1's plus step 2's",
+          "the blog post: the missing zero-grad", "adamw.grad.transformer.wte.weight", "optimizer", OPT_CHECKS,
+          _sides(manual=ModelNoZeroGrad, manual_optim=_optim_namespace(AdamW=AdamWNoZeroGrad, SGD=SGDNoZeroGrad)),
+          opt_steps=2),
+    Fault("ln_gamma_grad_assigned",
+          "layer norm: `dgamma = dy[t] * xhat[t]` inside the loop over positions, `=` where `+=` belongs: "
+          "only the last position's contribution survives",
+          "the blog post: gradients assigned instead of accumulated; llm.c's `+=` rule",
+          "grad.transformer.ln_f.weight", "backward", FWD_CHECKS, _ln(dgamma="assign_in_loop")),
+    Fault("ln_grads_multiplied",
+          "layer norm: `dgamma *= ...; dbeta *= ...` where `+=` belongs: after zero_grad both stay 0",
+          "the blog post: gradients multiplied instead of accumulated",
+          "grad.transformer.ln_f.bias", "backward", FWD_CHECKS, _ln(dgamma="multiply", dbeta="multiply")),
+    Fault("ln_dx_missing_mean_term",
+          "layer norm backward: dx = rstd (g - xhat mean(g xhat)), the gradient through the mean left out",
+          "llm.c doc/layernorm: the two terms of the derivation", "grad.h.2.out", "backward", FWD_CHECKS,
+          _ln(dx_mean_term=False)),
+    Fault("ln_unbiased_variance",
+          "layer norm: var = sum((x - mean)^2) / (C - 1), the unbiased (torch.var default) variance",
+          "nanoGPT / llm.c threads: torch.var vs nn.LayerNorm; DESIGN.md 'unbiased variance'",
+          "h.0.ln_1.out", "forward", FWD_CHECKS, _ln(ddof=1), config=dict(norm="post")),
+    Fault("ln_eps_1e-6",
+          "layer norm: eps hard-coded to 1e-6 while the config says ln_eps = 1e-5",
+          "HF / nanoGPT ports: layer_norm_epsilon 1e-5 vs a default 1e-6", "h.0.ln_1.out", "forward", FWD_CHECKS,
+          _ln(eps=1e-6)),
+    Fault("ln_wrong_axis",
+          "layer norm: mean and variance over axis 1 (time) instead of the last axis (channels); the "
+          "shapes still fit",
+          "the blog post: a layer norm that quietly changed shape", "h.0.ln_1.out", "forward", FWD_CHECKS,
+          _ln(axis=1)),
+    Fault("attention_no_scale",
+          "attention: att = q @ k^T without the 1/sqrt(D) scale", "the blog post's attention; nanoGPT issues",
+          "h.0.attn.att", "forward", FWD_CHECKS, _attn(scale=False)),
+    Fault("causal_mask_off_by_one",
+          "attention: mask j > i + 1 instead of j > i: each position sees the next token",
+          "llm.c / nanoGPT threads: triu(diagonal=2)", "h.0.attn.probs", "forward", FWD_CHECKS,
+          _attn(mask_offset=1)),
+    Fault("heads_split_with_reshape",
+          "attention: q.reshape(B, H, T, D) where q.reshape(B, T, H, D).transpose(1, 2) is needed",
+          "nanoGPT / minGPT issue threads: view vs transpose", "h.0.attn.q", "forward", FWD_CHECKS,
+          _attn(split="reshape")),
+    Fault("softmax_backward_missing_row_term",
+          "attention softmax backward: datt = p * dp, the - sum_k p_k dp_k term left out",
+          "micrograd / llm.c attention_backward derivations", "grad.h.2.attn.att", "backward", FWD_CHECKS,
+          _attn(softmax_row_term=False)),
+    Fault("softmax_no_max_subtraction",
+          "loss: softmax without subtracting the row max: exp(z) overflows on large logits (this case: "
+          "temperature 1e-4, so z = logits / 1e-4 reaches ~1e3 and exp(z) = inf)",
+          "the blog post's softmax; every hand-written softmax", "loss", "forward", FWD_CHECKS,
+          _loss(subtract_max=False), config=dict(temperature=1e-4)),
+    Fault("pad_counted_in_mean",
+          "loss: the mean over ALL positions, PAD targets included (cross_entropy without ignore_index)",
+          "the blog post's PAD handling; HF ignore_index=-100 threads", "loss", "forward", FWD_CHECKS,
+          _loss(count_pad=True)),
+    Fault("gelu_erf_tanh_swapped",
+          "activation 'gelu' (exact, erf) computed with the tanh approximation",
+          "GPT-2 uses gelu_new (tanh); HF / nanoGPT threads on approximate='tanh'", "h.0.mlp.act", "forward",
+          FWD_CHECKS, _layer_patch(_gelu_swap)),
+    Fault("ffn_b2_grad_one_row",
+          "FFN output bias: the blog's B2 declared [1, d_ff] instead of [1, d_model]; the fix-up copied one "
+          "row of dout into dB2 instead of summing over positions",
+          "the blog post: the B2 [1, d_ff] typo", "grad.transformer.h.2.mlp.c_proj.bias", "backward", FWD_CHECKS,
+          _layer_patch(lambda: {manual.layers.mlp_backward: mlp_backward_b2_one_row()})),
+    Fault("tied_embedding_one_contribution",
+          "tied embedding: the lookup's gradient is never added to wte, which keeps only the output "
+          "projection's contribution", "the blog post: the tied token_embeddings_ used twice",
+          "grad.transformer.wte.weight", "backward", FWD_CHECKS, _embed(lookup_grad=False)),
+    Fault("wte_grad_transposed",
+          "output projection: dW = x^T dy ([C, V]) stored into the [V, C] token-embedding gradient with a "
+          "reshape instead of a transpose", "the blog post: the transposed embedding gradient",
+          "grad.transformer.wte.weight", "backward", FWD_CHECKS,
+          _layer_patch(lambda: {manual.layers.unembed_backward: unembed_backward_transposed()})),
+    Fault("wpe_grad_shifted",
+          "position embedding: dwpe[t + 1] += dx[:, t], the gradient of position t lands on row t + 1",
+          "off-by-one in position indexing (llm.c encoder_backward)", "grad.transformer.wpe.weight", "backward",
+          FWD_CHECKS, _embed(wpe_shift=1)),
+    Fault("adamw_no_bias_correction",
+          "AdamW: p -= lr m / (sqrt(v) + eps), without dividing m by 1 - beta1^t and v by 1 - beta2^t",
+          "hand-written Adam in llm.c / micrograd forks", "adamw.param.transformer.wte.weight", "optimizer",
+          OPT_CHECKS, _sides(manual_optim=_optim_namespace(AdamW=AdamWNoBiasCorrection)), opt_steps=1),
+    Fault("weight_decay_on_biases_and_norms",
+          "AdamW: every parameter but the embeddings in the decay group, biases and layer norms included",
+          "nanoGPT configure_optimizers (dim >= 2 decays, biases and norms do not)",
+          "adamw.param.transformer.h.0.ln_1.weight", "optimizer", OPT_CHECKS,
+          _sides(manual_optim=_optim_namespace(AdamW=AdamWDecayEverything)), opt_steps=1),
+    Fault("clip_per_tensor",
+          "gradient clipping: each tensor scaled to norm <= 1 on its own instead of all of them by the "
+          "global norm", "the blog post's clip; torch clip_grad_norm_ semantics",
+          "adamw.clipped_grad.transformer.wte.weight", "optimizer", OPT_CHECKS,
+          _sides(manual_optim=_optim_namespace(clip_grad_norm_=clip_grad_norm_per_tensor)), opt_steps=1),
+]
+
+BY_NAME = {f.name: f for f in FAULTS}
+assert len(BY_NAME) == len(FAULTS), "duplicate fault names"
+
+
+def get(name: str) -> Fault:
+    if name not in BY_NAME:
+        raise KeyError(f"unknown fault {name!r}; known faults: {', '.join(BY_NAME)}")
+    return BY_NAME[name]
+
+
+@contextmanager
+def inject(name: str):
+    """Activate fault `name` inside the block; yields the conformance Sides to run with."""
+    with get(name).patch() as sides:
+        yield sides
+
+
+def describe() -> str:
+    lines = []
+    for f in FAULTS:
+        lines.append(f"{f.name:<34} {f.stage:<9} expected first: {f.expected}")
+        lines.append(f"    {f.description}")
+        lines.append(f"    origin: {f.origin}; case: tiny float64 {f.config or ''} batch {f.batch}x{f.seq_len}"
+                     + (f", {f.opt_steps} optimizer step(s)" if f.opt_steps else ""))
+    return "\n".join(lines)

@@ -1,0 +1,820 @@
+"""Memory profiler: where every byte of a training step goes, in both implementations.
+
+    python tools/memprof.py --preset tiny --impl both --json mem.json --plot docs/img/memprof_tiny.png
+    python tools/memprof.py --preset medium --batch-size 8 --seq-len 128 --optimizer sgd
+    python tools/memprof.py --preset tiny --sweep seq_len --plot sweep.png   # activation bytes against T
+    python tools/memprof.py --preset gpt2-small --dry-run                    # sizes it, allocates nothing
+
+What it prints (and writes to --json):
+
+1. Per phase of the first training step (init, forward, backward, optimizer_step), per
+   implementation: live bytes by category (parameters, gradients, optimizer_state, activations
+   kept for backward, other = workspace, taps, logits, Python objects), the peak within the
+   phase, and beside each figure the closed form (conformance.memory.predicted_phases) and the
+   difference. manual: tracemalloc, exact for NumPy. reference: torch tensors counted by storage
+   (conformance.memory.reference_bytes, saved_tensors, TorchTensorTracker) plus tracemalloc for
+   the adapter's NumPy copies.
+2. What each layer keeps for backward, tensor by tensor, manual (its caches) beside reference
+   (what autograd saved, grouped by the module that saved it).
+3. Churn: the NumPy allocations of one steady-state training step (counted one by one by a
+   NumPy memory handler, NEP 49), their bytes and the top allocation sites (file:line); for the
+   reference the torch storages created in the step.
+4. The conformance figures (the same functions the conformance memory checks call), and an RSS
+   timeline (memory-profiler) of both implementations on one chart, phases marked (--plot).
+
+`--sweep seq_len|batch` measures activation bytes over a range of T or B for manual, reference
+and both with attention='flash', fits bytes = a + b x + c x^2 and says whether the growth is
+linear or quadratic. `--dry-run` prints the closed-form footprint of a config and allocates
+nothing. A real run whose closed-form footprint exceeds --max-gb is refused with the numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import math
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from conformance import memory as cmem  # noqa: E402
+from conformance.engine import make_batch  # noqa: E402
+from manual import memory as mmem  # noqa: E402
+from manual.config import PRESETS, ModelConfig  # noqa: E402
+
+PHASES, CATEGORIES = cmem.PHASES, cmem.CATEGORIES
+IMPLS = ("manual", "reference")
+SGD_MOMENTUM = 0.9          # SGD runs with momentum, so it has state (closed_forms counts one buffer)
+LR = 1e-3
+
+
+# -- formatting ---------------------------------------------------------------------------------
+
+def human(n) -> str:
+    """1234567 -> '1.18 MiB'; None -> '-'."""
+    if n is None:
+        return "-"
+    sign, n = ("-" if n < 0 else ""), abs(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{sign}{n:.0f} {unit}" if unit == "B" else f"{sign}{n:.2f} {unit}"
+        n /= 1024
+
+
+def _diff(measured, predicted):
+    return None if measured is None or predicted is None else measured - predicted
+
+
+# -- one implementation through the phases of a training step -----------------------------------
+
+def _optimizer(impl: str, model, kind: str):
+    if impl == "manual":
+        import manual.optim as mopt
+        from manual.registry import decay_groups
+        groups = decay_groups(model.cfg, 0.0)
+        if kind == "adamw":
+            return mopt.AdamW(model.params, model.grads, lr=LR, groups=groups)
+        return mopt.SGD(model.params, model.grads, lr=LR, momentum=SGD_MOMENTUM, groups=groups)
+    from reference import optim as ropt
+    return ropt.make_optimizer(model, kind=kind, lr=LR, **({"momentum": SGD_MOMENTUM} if kind == "sgd" else {}))
+
+
+def _warm_up(impl: str, cfg, optimizer: str) -> None:
+    """One training step of a 1-layer model before measuring: torch imports modules lazily at its
+    first model build, dispatch mode, backward and optimizer step (tens of MB of Python objects
+    that tracemalloc would otherwise book to the measured model)."""
+    import manual
+    import reference
+
+    small = ModelConfig(n_layers=1, dtype=cfg.dtype, attention=cfg.attention)
+    ids, targets = make_batch(small, 2, 4, seed=0)
+    with cmem.TorchTensorTracker():
+        model = (manual.Model if impl == "manual" else reference.Model)(small, seed=0)
+        opt = _optimizer(impl, model, optimizer)
+        if impl == "reference":
+            cmem.saved_tensors(model, lambda: (model.forward(ids, targets), model._loss)[1])
+        else:
+            model.forward(ids, targets)
+        model.backward()
+        opt.step()
+
+
+def _row(phase, live, total, peak, predicted) -> dict:
+    pred = predicted[phase]
+    return {"live": live, "total": total, "peak": peak,
+            "predicted": {c: pred[c] for c in (*CATEGORIES, "total", "peak")},
+            "diff": {**{c: _diff(live[c], pred[c]) for c in CATEGORIES},
+                     "total": _diff(total, pred["total"]), "peak": _diff(peak, pred["peak"])}}
+
+
+def phases_manual(cfg, ids, targets, optimizer: str) -> dict:
+    """tracemalloc from just before Model() on: every NumPy buffer (and Python object) it traces.
+
+    other = traced - (parameters + gradients + optimizer state + cached activations).
+    peak = tracemalloc's peak within the phase (absolute, like `total`).
+    """
+    import manual
+    import manual.optim  # noqa: F401
+
+    B, T = ids.shape
+    predicted = cmem.predicted_phases(cfg, B, T, optimizer)
+    out = {}
+    _warm_up("manual", cfg, optimizer)
+
+    def measure(phase, model, opt):
+        current, peak = tracemalloc.get_traced_memory()
+        live = cmem.manual_bytes(model, opt)
+        live["activations"] = model.cache_bytes()
+        live["other"] = current - sum(live.values())
+        out[phase] = _row(phase, live, current, peak, predicted)
+        tracemalloc.reset_peak()
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        model = manual.Model(cfg, seed=0)
+        opt = _optimizer("manual", model, optimizer)
+        measure("init", model, opt)
+        model.forward(ids, targets)
+        measure("forward", model, opt)
+        model.backward()
+        measure("backward", model, opt)
+        opt.step()
+        measure("optimizer_step", model, opt)
+    finally:
+        tracemalloc.stop()
+    tensors = cmem.manual_cache_tensors(model)
+    return {"phases": out, "tensors": tensors, "activation_bytes": model.cache_bytes()}
+
+
+def phases_reference(cfg, ids, targets, optimizer: str) -> dict:
+    """Torch tensors by storage: parameters / gradients / optimizer state (reference_bytes), the
+    tensors autograd saves (saved_tensors), everything else operators create (TorchTensorTracker),
+    plus tracemalloc for the adapter's NumPy copies (its tap_grads). peak = live at the phase's
+    start + the tracker's peak + the tracemalloc peak within the phase.
+    """
+    import torch  # imported before tracemalloc starts: module imports are not the model's memory
+
+    import reference
+    import reference.optim  # noqa: F401
+
+    B, T = ids.shape
+    predicted = cmem.predicted_phases(cfg, B, T, optimizer)
+    out = {}
+    _warm_up("reference", cfg, optimizer)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        with cmem.TorchTensorTracker() as init_tracker:
+            model = reference.Model(cfg, seed=0)
+            opt = _optimizer("reference", model, optimizer)
+        live = cmem.reference_bytes(model, opt)
+        live["activations"] = 0
+        numpy_now, numpy_peak = tracemalloc.get_traced_memory()
+        live["other"] = init_tracker.live_bytes() - live["parameters"] - live["gradients"] + numpy_now
+        out["init"] = _row("init", live, sum(live.values()), init_tracker.peak + numpy_peak, predicted)
+
+        state = [p for p in model._params.values()] + [p.grad for p in model._params.values()]
+        saved: list[dict] = []
+        tracker = cmem.TorchTensorTracker(exclude=state)
+        start = {"total": out["init"]["total"], "torch": 0, "numpy": numpy_now}
+
+        def measure(phase):
+            live = cmem.reference_bytes(model, opt)
+            opt_ptrs = {v.untyped_storage().data_ptr() for st in opt.state.values() for v in st.values()
+                        if isinstance(v, torch.Tensor)}
+            live["activations"] = sum(r["bytes"] for r in saved)
+            numpy_now, numpy_peak = tracemalloc.get_traced_memory()
+            live["other"] = tracker.live_bytes(excluding={r["storage"] for r in saved} | opt_ptrs) + numpy_now
+            total = sum(live.values())
+            # torch's and NumPy's peaks need not coincide: their sum is an upper bound of the phase's peak
+            peak = start["total"] + (tracker.peak - start["torch"]) + (numpy_peak - start["numpy"])
+            out[phase] = _row(phase, live, total, peak, predicted)
+            start.update(total=total, torch=tracker.current, numpy=numpy_now)
+            tracker.reset_peak()
+            tracemalloc.reset_peak()
+
+        tracemalloc.reset_peak()
+        with tracker:
+            saved += cmem.saved_tensors(model, lambda: (model.forward(ids, targets), model._loss)[1])
+            measure("forward")
+            model.backward()
+            measure("backward")
+            opt.step()
+            measure("optimizer_step")
+    finally:
+        tracemalloc.stop()
+    tensors = [{k: v for k, v in r.items() if k != "storage"} for r in saved]
+    return {"phases": out, "tensors": tensors, "activation_bytes": sum(r["bytes"] for r in saved)}
+
+
+# -- churn: every NumPy allocation of one steady-state step ------------------------------------
+
+class NumpyAllocationCounter:
+    """Counts every NumPy data allocation inside a `with` block, by the project line that made it.
+
+    NumPy (>= 1.22, NEP 49) lets a program install its own memory handler: a table of malloc /
+    calloc / realloc / free functions that every new array's data goes through. This one forwards
+    to the C library and, for each allocation, records its size and the innermost stack frame in
+    this repository (file:line). tracemalloc cannot count these: it only keeps what is still
+    alive, and a step frees almost all it allocates. The handler is reached through NumPy's C API
+    table (PyDataMem_SetHandler, slot 304 in numpy/_core/include/numpy/__multiarray_api.h).
+    Arrays allocated inside the block are freed through this handler later, wherever that
+    happens, so its callbacks are kept alive for the life of the process (_KEEP).
+    """
+
+    _KEEP: list = []
+    _SLOT_SET_HANDLER = 304
+
+    def __init__(self):
+        self.count = 0
+        self.bytes = 0
+        self.sites: dict[str, list[int]] = {}   # "file:line" -> [count, bytes]
+        self._previous = None
+
+    def _record(self, size: int) -> None:
+        self.count += 1
+        self.bytes += size
+        frame = sys._getframe(2)
+        while frame is not None and not (frame.f_code.co_filename.startswith(str(ROOT))
+                                         and "site-packages" not in frame.f_code.co_filename):
+            frame = frame.f_back
+        site = "(outside the project)" if frame is None else \
+            f"{Path(frame.f_code.co_filename).relative_to(ROOT)}:{frame.f_lineno}"
+        entry = self.sites.setdefault(site, [0, 0])
+        entry[0] += 1
+        entry[1] += size
+
+    def __enter__(self):
+        from numpy._core import _multiarray_umath
+
+        api = ctypes.pythonapi
+        api.PyCapsule_GetPointer.restype = ctypes.c_void_p
+        api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+        api.PyCapsule_New.restype = ctypes.py_object
+        api.PyCapsule_New.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+        table = ctypes.cast(api.PyCapsule_GetPointer(_multiarray_umath._ARRAY_API, None),
+                            ctypes.POINTER(ctypes.c_void_p))
+        self._set_handler = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.py_object)(table[self._SLOT_SET_HANDLER])
+
+        libc = ctypes.CDLL(None)
+        libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+        libc.calloc.restype, libc.calloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t, ctypes.c_size_t]
+        libc.realloc.restype, libc.realloc.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t]
+        libc.free.restype, libc.free.argtypes = None, [ctypes.c_void_p]
+        vp, sz = ctypes.c_void_p, ctypes.c_size_t
+        MALLOC, CALLOC = ctypes.CFUNCTYPE(vp, vp, sz), ctypes.CFUNCTYPE(vp, vp, sz, sz)
+        REALLOC, FREE = ctypes.CFUNCTYPE(vp, vp, vp, sz), ctypes.CFUNCTYPE(None, vp, vp, sz)
+
+        class Allocator(ctypes.Structure):      # PyDataMemAllocator (numpy/ndarraytypes.h)
+            _fields_ = [("ctx", vp), ("malloc", MALLOC), ("calloc", CALLOC), ("realloc", REALLOC),
+                        ("free", FREE)]
+
+        class Handler(ctypes.Structure):        # PyDataMem_Handler
+            _fields_ = [("name", ctypes.c_char * 127), ("version", ctypes.c_uint8), ("allocator", Allocator)]
+
+        def malloc(_ctx, size):
+            self._record(size)
+            return libc.malloc(size)
+
+        def calloc(_ctx, n, size):
+            self._record(n * size)
+            return libc.calloc(n, size)
+
+        def realloc(_ctx, ptr, size):
+            self._record(size)
+            return libc.realloc(ptr, size)
+
+        def free(_ctx, ptr, _size):
+            libc.free(ptr)
+
+        callbacks = (MALLOC(malloc), CALLOC(calloc), REALLOC(realloc), FREE(free))
+        handler = Handler(b"memprof_counter", 1, Allocator(None, *callbacks))
+        capsule = api.PyCapsule_New(ctypes.addressof(handler), b"mem_handler", None)
+        self._KEEP.append((callbacks, handler, capsule, libc))
+        self._previous = self._set_handler(capsule)
+        return self
+
+    def __exit__(self, *exc):
+        self._set_handler(self._previous)
+
+    def top(self, n: int = 10) -> list[dict]:
+        rows = sorted(self.sites.items(), key=lambda kv: (-kv[1][1], -kv[1][0], kv[0]))[:n]
+        return [{"site": site, "count": c, "bytes": b} for site, (c, b) in rows]
+
+
+def churn(cfg, ids, targets, optimizer: str, impls, steps_before: int = 2) -> dict:
+    """Allocations of one steady-state training step (zero_grad, forward, backward, optimizer step),
+    after `steps_before` steps so that the optimizer state and every lazy buffer already exist.
+
+    manual: every NumPy allocation (NumpyAllocationCounter), its bytes, the top sites (file:line),
+    and the step's tracemalloc peak above its start. reference: the torch storages operators create
+    in the step (TorchTensorTracker) and their bytes.
+    """
+    import manual
+    import reference
+
+    out = {}
+    for impl in impls:
+        model = (manual.Model if impl == "manual" else reference.Model)(cfg, seed=0)
+        opt = _optimizer(impl, model, optimizer)
+
+        def step():
+            opt.zero_grad()
+            model.forward(ids, targets)
+            model.backward()
+            opt.step()
+
+        for _ in range(steps_before):
+            step()
+        gc.collect()
+        if impl == "manual":
+            tracemalloc.start()
+            try:
+                base, _ = tracemalloc.get_traced_memory()
+                with NumpyAllocationCounter() as counter:
+                    step()
+                _, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+            out[impl] = {"allocations": counter.count, "bytes": counter.bytes, "peak_above_start": peak - base,
+                         "top_sites": counter.top(10)}
+        else:
+            existing = [p for p in model._params.values()] + [p.grad for p in model._params.values()] + \
+                [v for st in opt.state.values() for v in st.values() if hasattr(v, "untyped_storage")]
+            with cmem.TorchTensorTracker(exclude=existing) as tracker:
+                step()
+            out[impl] = {"allocations": tracker.allocations, "bytes": tracker.allocated_bytes,
+                         "peak_above_start": tracker.peak}
+        del model, opt
+        gc.collect()
+    return out
+
+
+# -- RSS timeline (memory-profiler) --------------------------------------------------------------
+
+def timeline(cfg, ids, targets, optimizer: str, impls, steps: int = 3, interval: float = 0.002) -> dict:
+    """RSS of this process, sampled by memory_profiler.memory_usage every `interval` s, while each
+    implementation builds its model and runs `steps` training steps; phase starts are marked.
+    RSS is a loose outer bound (allocator caches, freed pages not returned to the OS)."""
+    from memory_profiler import memory_usage
+
+    import manual
+    import reference
+
+    out = {}
+    for impl in impls:
+        marks: list[tuple[str, float]] = []
+
+        def run():
+            marks.append(("init", time.time()))
+            model = (manual.Model if impl == "manual" else reference.Model)(cfg, seed=0)
+            opt = _optimizer(impl, model, optimizer)
+            for _ in range(steps):
+                marks.append(("forward", time.time()))
+                opt.zero_grad()
+                model.forward(ids, targets)
+                marks.append(("backward", time.time()))
+                model.backward()
+                marks.append(("optimizer_step", time.time()))
+                opt.step()
+            marks.append(("end", time.time()))
+            time.sleep(3 * interval)         # one more sample after the end
+
+        gc.collect()
+        samples = memory_usage((run, (), {}), interval=interval, timestamps=True, include_children=False)
+        t0 = marks[0][1]
+        out[impl] = {"t_s": [round(t - t0, 5) for _, t in samples], "rss_mib": [round(m, 3) for m, _ in samples],
+                     "marks": [[name, round(t - t0, 5)] for name, t in marks]}
+        gc.collect()
+    return out
+
+
+# -- scaling sweeps ---------------------------------------------------------------------------------
+
+def fit_growth(xs, ys, var: str) -> dict:
+    """Least squares bytes = a + b x + c x^2; 'quadratic' when the x^2 term is more than 1% of the
+    bytes at the largest x, else 'linear'."""
+    x = np.asarray(xs, dtype=np.float64)
+    y = np.asarray(ys, dtype=np.float64)
+    A = np.stack([np.ones_like(x), x, x * x], axis=1)
+    (a, b, c), *_ = np.linalg.lstsq(A, y, rcond=None)
+    share = abs(c) * x.max() ** 2 / max(abs(y[np.argmax(x)]), 1.0)
+    return {"a": float(a), "b": float(b), "c": float(c), "quadratic_share": float(share),
+            "growth": f"quadratic in {var}" if share > 0.01 else f"linear in {var}"}
+
+
+def sweep(cfg, B: int, T: int, what: str, values=None) -> dict:
+    """Activation bytes against T (what='seq_len') or B (what='batch') for manual and reference,
+    standard and flash attention: measured (manual caches, autograd's saved tensors) and, for the
+    manual side, the closed form."""
+    import manual
+    import reference
+    from reference import optim as ropt
+
+    if values is None:
+        hi = T if what == "seq_len" else 2 * B
+        values = sorted({max(1, int(round(v))) for v in np.linspace(max(1, hi / 8), hi, 6)})
+    series = {}
+    variants = [("manual", "standard"), ("reference", "standard"), ("manual", "flash"), ("reference", "flash")]
+    for impl, attention in variants:
+        c = cfg.replace(attention=attention)
+        model = (manual.Model if impl == "manual" else reference.Model)(c, seed=0)
+        ys, closed = [], []
+        for v in values:
+            b, t = (B, v) if what == "seq_len" else (v, T)
+            ids, targets = make_batch(c, b, t, seed=0)
+            if impl == "manual":
+                model.forward(ids, targets)
+                ys.append(model.cache_bytes())
+                closed.append(mmem.activation_bytes(c, b, t))
+            else:
+                ys.append(ropt.activation_saved_bytes(model, ids, targets))
+        var = "T" if what == "seq_len" else "B"
+        series[f"{impl} ({attention})"] = {"bytes": ys, "fit": fit_growth(values, ys, var),
+                                           **({"closed_form": closed} if closed else {})}
+        del model
+        gc.collect()
+    return {"sweep": what, "values": list(values), "fixed": {"batch_size": B} if what == "seq_len" else
+            {"seq_len": T}, "series": series}
+
+
+# -- dry run: the closed forms only ----------------------------------------------------------------
+
+def dry_run(cfg, B: int, T: int, optimizer: str) -> dict:
+    """The training footprint of cfg at (B, T) from the closed forms, nothing allocated.
+
+    steady-state peak = parameters + gradients + optimizer state + manual.memory.peak_bytes (the
+    transient of forward + backward above the parameters and gradients: caches, taps, tap
+    gradients, the largest workspace).
+    """
+    from manual.registry import param_count
+
+    closed = cmem.closed_forms(cfg, optimizer)
+    act = mmem.activation_bytes(cfg, B, T)
+    transient = mmem.peak_bytes(cfg, B, T)
+    return {"parameters_count": param_count(cfg), **closed, "activations": act,
+            "forward_backward_transient": transient,
+            "peak": closed["parameters"] + closed["gradients"] + closed["optimizer_state"] + transient,
+            "source": "closed forms (manual/memory.py, conformance/memory.py); nothing allocated"}
+
+
+# -- the conformance figures -------------------------------------------------------------------------
+
+def conformance_figures(cfg, ids, targets, optimizer: str, impls) -> dict:
+    """The figures the conformance memory checks compute, through the same functions:
+    closed_forms, manual_bytes / reference_bytes after one step, Model.cache_bytes against
+    activation_bytes, activation_saved_bytes, manual_peak_bytes against manual.memory.peak_bytes."""
+    import manual
+    import reference
+    from reference import optim as ropt
+
+    B, T = ids.shape
+    out = {"closed_forms": cmem.closed_forms(cfg, optimizer),
+           "activation_bytes_closed_form": mmem.activation_bytes(cfg, B, T)}
+    if "manual" in impls:
+        m = manual.Model(cfg, seed=0)
+        mo = _optimizer("manual", m, optimizer)
+        m.forward(ids, targets)
+        m.backward()
+        mo.step()
+        out["manual_bytes"] = cmem.manual_bytes(m, mo)
+        out["manual_cache_bytes"] = m.cache_bytes()
+        peak = cmem.manual_peak_bytes(manual.Model(cfg, seed=0), ids, targets)
+        out["peak"] = {"measured": peak, "predicted": mmem.peak_bytes(cfg, B, T),
+                       "rel_diff": (peak - mmem.peak_bytes(cfg, B, T)) / mmem.peak_bytes(cfg, B, T),
+                       "tolerance": cmem.PEAK_TOLERANCE}
+    if "reference" in impls:
+        r = reference.Model(cfg, seed=0)
+        ro = _optimizer("reference", r, optimizer)
+        r.forward(ids, targets)
+        r.backward()
+        ro.step()
+        out["reference_bytes"] = cmem.reference_bytes(r, ro)
+        out["reference_saved_bytes"] = ropt.activation_saved_bytes(reference.Model(cfg, seed=0), ids, targets)
+    return out
+
+
+# -- the whole profile --------------------------------------------------------------------------------
+
+def profile(cfg, B: int, T: int, optimizer: str, impls, with_timeline: bool = True) -> dict:
+    ids, targets = make_batch(cfg, B, T, seed=0)
+    runners = {"manual": phases_manual, "reference": phases_reference}
+    result = {"config": cfg.to_dict(), "batch_size": B, "seq_len": T, "dtype": cfg.dtype, "optimizer": optimizer,
+              "impls": list(impls), "phases": {}, "saved_tensors": {}, "activation_bytes": {}}
+    for impl in impls:
+        res = runners[impl](cfg, ids, targets, optimizer)
+        result["phases"][impl] = res["phases"]
+        result["saved_tensors"][impl] = res["tensors"]
+        result["activation_bytes"][impl] = res["activation_bytes"]
+        gc.collect()
+    result["activation_bytes"]["closed_form"] = mmem.activation_bytes(cfg, B, T)
+    result["conformance"] = conformance_figures(cfg, ids, targets, optimizer, impls)
+    result["churn"] = churn(cfg, ids, targets, optimizer, impls)
+    if with_timeline:
+        result["timeline"] = timeline(cfg, ids, targets, optimizer, impls)
+    return result
+
+
+# -- printing -------------------------------------------------------------------------------------------
+
+def print_phases(result) -> None:
+    print(f"bytes by category after each phase of the first training step "
+          f"(B={result['batch_size']}, T={result['seq_len']}, {result['dtype']}, {result['optimizer']}); "
+          f"closed form and measured - closed form beside each figure")
+    head = f"{'phase':<15} {'category':<16} " + "".join(
+        f"{impl + ' measured':>21} {'closed form':>12} {'diff':>11}" for impl in result["impls"])
+    print(head)
+    print("-" * len(head))
+    for phase in PHASES:
+        for cat in (*CATEGORIES, "total", "peak"):
+            line = f"{phase if cat == 'parameters' else '':<15} {cat:<16} "
+            for impl in result["impls"]:
+                row = result["phases"][impl][phase]
+                got = row["live"][cat] if cat in CATEGORIES else row[cat]
+                line += f"{human(got):>21} {human(row['predicted'][cat]):>12} {human(row['diff'][cat]):>11}"
+            print(line)
+    ab = result["activation_bytes"]
+    print("activation bytes kept for backward: " + ", ".join(f"{k} {v:,}" for k, v in ab.items()))
+
+
+def _layer_of(module: str) -> str:
+    """Reference module name -> manual layer group ('transformer.h.0.attn.c_attn' -> 'h.0.attn')."""
+    if module == "(GPT.forward)":
+        return "loss"
+    parts = module.removeprefix("transformer.").split(".")
+    if parts[0] in ("wte", "wpe"):
+        return "embed"
+    if parts[0] == "h":
+        return ".".join(parts[:3])
+    return ".".join(parts[:2]) if parts[0] == "mtp" else parts[0]
+
+
+def saved_table(result) -> list[tuple]:
+    """(layer, manual row or None, reference row or None) side by side, manual layer order."""
+    m_rows = result["saved_tensors"].get("manual", [])
+    r_rows = result["saved_tensors"].get("reference", [])
+    groups: dict[str, tuple[list, list]] = {}
+    for r in m_rows:
+        layer = "loss" if r["layer"].startswith("loss.") else r["layer"]
+        groups.setdefault(layer, ([], []))[0].append(r)
+    for r in r_rows:
+        groups.setdefault(_layer_of(r["module"]), ([], []))[1].append(r)
+    out = []
+    for layer, (ms, rs) in groups.items():
+        for i in range(max(len(ms), len(rs))):
+            out.append((layer, ms[i] if i < len(ms) else None, rs[i] if i < len(rs) else None))
+    return out
+
+
+def print_saved(result) -> None:
+    print("\nwhat each layer keeps for backward (manual: its caches; reference: autograd's saved tensors; "
+          "bytes 0 = a storage already counted)")
+    head = f"{'layer':<10} {'manual':<34} {'bytes':>10}   {'reference (module / grad_fn.saved)':<52} {'bytes':>10}"
+    print(head)
+    print("-" * len(head))
+    totals: dict[str, list[int]] = {}
+    for layer, m, r in saved_table(result):
+        left = f"{m['name']} {tuple(m['shape'])} {m['dtype']}" if m else ""
+        right = f"{r['module'].removeprefix('transformer.')} {r['op']} {tuple(r['shape'])} {r['dtype']}" if r else ""
+        print(f"{layer:<10} {left[:34]:<34} {m['bytes'] if m else '':>10}   {right[:52]:<52} "
+              f"{r['bytes'] if r else '':>10}")
+        t = totals.setdefault(layer, [0, 0])
+        t[0] += m["bytes"] if m else 0
+        t[1] += r["bytes"] if r else 0
+    print("per layer: " + "; ".join(f"{k} {a:,} / {b:,}" for k, (a, b) in totals.items() if a != b)
+          + ("" if any(a != b for a, b in totals.values()) else "every layer equal"))
+
+
+def print_churn(result) -> None:
+    print("\nchurn: allocations in one steady-state training step (zero_grad, forward, backward, optimizer step)")
+    for impl, c in result["churn"].items():
+        what = "NumPy allocations" if impl == "manual" else "torch storages"
+        print(f"  {impl:<10} {c['allocations']:>6,} {what}, {human(c['bytes'])} allocated in total, "
+              f"peak {human(c['peak_above_start'])} above the step's start")
+        for s in c.get("top_sites", []):
+            print(f"      {s['count']:>5} x  {human(s['bytes']):>11}  {s['site']}")
+
+
+def print_conformance(result) -> None:
+    c = result["conformance"]
+    print("\nconformance figures (conformance/memory.py, the functions the conformance memory checks call)")
+    print(f"  closed forms: {c['closed_forms']}")
+    for key in ("manual_bytes", "reference_bytes"):
+        if key in c:
+            same = c[key] == c["closed_forms"]
+            print(f"  {key}: {c[key]}  {'= closed forms' if same else '!= closed forms'}")
+    if "manual_cache_bytes" in c:
+        print(f"  manual cache bytes {c['manual_cache_bytes']:,} vs closed form {c['activation_bytes_closed_form']:,}")
+        p = c["peak"]
+        print(f"  forward+backward peak (tracemalloc) {p['measured']:,} vs predicted {p['predicted']:,} "
+              f"({p['rel_diff']:+.1%}, tolerance {p['tolerance']:.0%})")
+    if "reference_saved_bytes" in c:
+        print(f"  reference autograd saved bytes {c['reference_saved_bytes']:,}")
+
+
+def print_dry_run(name, B, T, d) -> None:
+    print(f"{name} at B={B}, T={T} ({d['parameters_count']:,} parameters), from the closed forms, nothing allocated:")
+    for key in ("parameters", "gradients", "optimizer_state", "activations", "forward_backward_transient", "peak"):
+        print(f"  {key:<28} {d[key]:>18,} B  {human(d[key]):>12}")
+
+
+def print_sweep(s) -> None:
+    var = "T" if s["sweep"] == "seq_len" else "B"
+    print(f"activation bytes against {var} ({', '.join(f'{k}={v}' for k, v in s['fixed'].items())})")
+    print(f"{var:>6} " + "".join(f"{name:>22}" for name in s["series"]))
+    for i, v in enumerate(s["values"]):
+        print(f"{v:>6} " + "".join(f"{ser['bytes'][i]:>22,}" for ser in s["series"].values()))
+    for name, ser in s["series"].items():
+        f = ser["fit"]
+        print(f"  {name:<22} bytes = {f['a']:.0f} + {f['b']:.1f} {var} + {f['c']:.2f} {var}^2   -> {f['growth']} "
+              f"({var}^2 term {f['quadratic_share']:.1%} of the bytes at {var} = {max(s['values'])})")
+
+
+# -- plots (matplotlib, Agg) ----------------------------------------------------------------------------
+
+COLORS = {"manual": "tab:blue", "reference": "tab:orange"}
+
+
+def plot_profile(result, path) -> None:
+    """Top: RSS over time of both implementations, phases marked. Bottom: the exact bytes by
+    category after each phase, manual and reference side by side."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(11, 8.5), gridspec_kw={"height_ratios": [1.1, 1]})
+    for impl, tl in result.get("timeline", {}).items():
+        rss = np.asarray(tl["rss_mib"])
+        ax1.plot(tl["t_s"], rss - rss[0], color=COLORS[impl], lw=1.4,
+                 label=f"{impl} (RSS {rss[0]:.0f} MiB at its start)")
+        seen = set()
+        for name, t in tl["marks"]:
+            ax1.axvline(t, color=COLORS[impl], ls=":", lw=0.8, alpha=0.7)
+            if name not in seen:                       # label the first occurrence of each phase
+                seen.add(name)
+                ax1.text(t, 1.0, name, transform=ax1.get_xaxis_transform(), rotation=90, fontsize=7,
+                         va="top", ha="right", color=COLORS[impl])
+    ax1.set_xlabel("seconds since the model build started (each implementation on its own clock)")
+    ax1.set_ylabel("RSS above the run's start (MiB)")
+    ax1.set_title(f"memory over time: build + 3 training steps, {result['config']['vocab_size']}-vocab model, "
+                  f"B={result['batch_size']} T={result['seq_len']} (memory-profiler)", fontsize=10)
+    ax1.legend(loc="lower right", fontsize=8)
+
+    impls, width = result["impls"], 0.8 / len(result["impls"])
+    x = np.arange(len(PHASES))
+    hatches = {"parameters": "", "gradients": "//", "optimizer_state": "xx", "activations": "..", "other": "--"}
+    for k, impl in enumerate(impls):
+        bottom = np.zeros(len(PHASES))
+        for cat in CATEGORIES:
+            vals = np.array([result["phases"][impl][p]["live"][cat] for p in PHASES]) / 2**20
+            ax2.bar(x + (k - (len(impls) - 1) / 2) * width, vals, width * 0.95, bottom=bottom, color=COLORS[impl],
+                    alpha=0.35 + 0.13 * CATEGORIES.index(cat), hatch=hatches[cat], edgecolor="black", lw=0.4,
+                    label=f"{impl}: {cat}")
+            bottom += vals
+        peaks = np.array([result["phases"][impl][p]["peak"] for p in PHASES]) / 2**20
+        ax2.scatter(x + (k - (len(impls) - 1) / 2) * width, peaks, marker="_", s=400, color="black",
+                    label="peak within phase" if k == 0 else None)
+    ax2.set_xticks(x, PHASES)
+    ax2.set_ylabel("MiB (exact: tracemalloc / torch tensors)")
+    ax2.set_title("live bytes by category after each phase (left bar manual, right bar reference)", fontsize=10)
+    ax2.legend(fontsize=6, ncol=3, loc="upper left")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_sweep(s, path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    var = "T (seq_len)" if s["sweep"] == "seq_len" else "B (batch)"
+    fig, ax = plt.subplots(figsize=(8, 5))
+    xs = np.asarray(s["values"], dtype=float)
+    fine = np.linspace(xs.min(), xs.max(), 100)
+    styles = {"manual (standard)": ("tab:blue", "-"), "reference (standard)": ("tab:orange", "-"),
+              "manual (flash)": ("tab:blue", "--"), "reference (flash)": ("tab:orange", "--")}
+    for name, ser in s["series"].items():
+        color, ls = styles.get(name, ("gray", "-"))
+        f = ser["fit"]
+        ax.plot(xs, np.asarray(ser["bytes"]) / 2**20, "o", color=color)
+        ax.plot(fine, (f["a"] + f["b"] * fine + f["c"] * fine ** 2) / 2**20, ls=ls, color=color,
+                label=f"{name}: {f['growth']}")
+    ax.set_xlabel(var)
+    ax.set_ylabel("activation bytes kept for backward (MiB)")
+    ax.set_title(f"activation memory against {var}; fit a + b x + c x^2", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- command line ---------------------------------------------------------------------------------------
+
+def estimated_run_bytes(cfg, B: int, T: int, optimizer: str) -> int:
+    """What a real run needs at most, from the closed forms: the steady-state peak of one
+    implementation, doubled for the reference's extra copies (retained tap gradients and their
+    NumPy copies) and for the init's float64 temporaries."""
+    return 2 * dry_run(cfg, B, T, optimizer)["peak"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--impl", default="both", choices=["manual", "reference", "both"])
+    p.add_argument("--batch-size", type=int, default=None, help="default: the preset's batch size")
+    p.add_argument("--seq-len", type=int, default=None, help="default: the preset's max_seq_len")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"],
+                   help=f"sgd runs with momentum {SGD_MOMENTUM} (one state buffer per parameter)")
+    p.add_argument("--attention", default=None, choices=["standard", "flash"], help="default: the preset's")
+    p.add_argument("--json", metavar="PATH", help="write every table to this JSON file")
+    p.add_argument("--plot", metavar="PNG", help="write the timeline + category chart (or the sweep chart) here")
+    p.add_argument("--sweep", choices=["seq_len", "batch"], help="activation bytes against T or B instead")
+    p.add_argument("--sweep-values", type=int, nargs="+", metavar="N", help="the T or B values of --sweep")
+    p.add_argument("--dry-run", action="store_true", help="size the config from the closed forms; allocate nothing")
+    p.add_argument("--no-timeline", action="store_true", help="skip the RSS timeline (memory-profiler)")
+    p.add_argument("--max-gb", type=float, default=8.0,
+                   help="refuse a real run whose estimated footprint exceeds this many GiB (default 8)")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    overrides = {"dtype": args.dtype, **({"attention": args.attention} if args.attention else {})}
+    cfg = ModelConfig.preset(args.preset, **overrides)
+    B = args.batch_size if args.batch_size is not None else PRESETS[args.preset].train.get("batch_size", 4)
+    T = args.seq_len if args.seq_len is not None else cfg.max_seq_len
+    if B < 1:
+        p.error(f"--batch-size must be >= 1, got {B}")
+    if not 1 <= T <= cfg.max_seq_len:
+        p.error(f"--seq-len {T} is outside [1, {cfg.max_seq_len}] (max_seq_len of preset {args.preset})")
+    if args.sweep_values and not args.sweep:
+        p.error("--sweep-values needs --sweep seq_len or --sweep batch")
+    if args.sweep_values:
+        bad = [v for v in args.sweep_values if v < 1 or (args.sweep == "seq_len" and v > cfg.max_seq_len)]
+        if bad:
+            p.error(f"--sweep-values {bad} are outside [1, {cfg.max_seq_len if args.sweep == 'seq_len' else 'inf'}]")
+        if len(set(args.sweep_values)) < 3:
+            p.error(f"--sweep-values needs at least 3 distinct values to fit a + b x + c x^2, got {args.sweep_values}")
+    if args.dry_run and args.sweep:
+        p.error("--dry-run and --sweep are separate modes; choose one")
+    impls = IMPLS if args.impl == "both" else (args.impl,)
+
+    if args.dry_run:
+        d = dry_run(cfg, B, T, args.optimizer)
+        print_dry_run(args.preset, B, T, d)
+        result = {"preset": args.preset, "batch_size": B, "seq_len": T, "dtype": args.dtype,
+                  "optimizer": args.optimizer, "config": cfg.to_dict(), "dry_run": d}
+    else:
+        need = estimated_run_bytes(cfg, B, T, args.optimizer)
+        if args.sweep:
+            xs = args.sweep_values or [T if args.sweep == "seq_len" else 2 * B]
+            biggest = (B, max(xs)) if args.sweep == "seq_len" else (max(xs), T)
+            need = estimated_run_bytes(cfg, *biggest, args.optimizer)
+        if need > args.max_gb * 2**30:
+            small_T = min(64, cfg.max_seq_len)
+            small = human(estimated_run_bytes(cfg, 1, small_T, args.optimizer))
+            p.error(f"a real run of {args.preset} at B={B}, T={T} needs an estimated {human(need)} "
+                    f"(closed-form peak {human(dry_run(cfg, B, T, args.optimizer)['peak'])}, x2 for the reference's "
+                    f"extra copies), over --max-gb {args.max_gb:g}. Use --dry-run to size it without allocating, "
+                    f"pick a smaller --batch-size / --seq-len (--batch-size 1 --seq-len {small_T} needs about {small}), "
+                    f"or raise --max-gb.")
+        if args.sweep:
+            result = {"preset": args.preset, "dtype": args.dtype, "config": cfg.to_dict(),
+                      **sweep(cfg, B, T, args.sweep, args.sweep_values)}
+            print_sweep(result)
+            if args.plot:
+                plot_sweep(result, args.plot)
+        else:
+            result = {"preset": args.preset, **profile(cfg, B, T, args.optimizer, impls,
+                                                       with_timeline=not args.no_timeline)}
+            print_phases(result)
+            print_saved(result)
+            print_churn(result)
+            print_conformance(result)
+            if args.plot:
+                plot_profile(result, args.plot)
+        if args.plot:
+            result["plot"] = str(args.plot)
+            print(f"wrote {args.plot}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
