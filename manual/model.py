@@ -110,6 +110,7 @@ class Model:
         self._dtype = np.dtype(cfg.dtype)
         self._param_shapes = {s.name: resolve(s, cfg) for s in param_specs(cfg)}
         self._tap_names = [s.name for s in tap_specs(cfg)]
+        self._block_names: list | None = None     # per block: (short, full) parameter names, see _block
         self._cache: ForwardCache | None = None
         self.taps: dict[str, np.ndarray] = {}
         self.tap_grads: dict[str, np.ndarray] = {}
@@ -279,11 +280,15 @@ class Model:
             raise TypeError(f"{where} must hold NumPy arrays; got {bad}")
         checkpoint.check_params(self.cfg, d, where=where, allow_prefixes=())
 
-    @staticmethod
-    def _block(d: dict, i: int) -> dict:
-        """The entries of block i, keyed without the "transformer.h.{i}." prefix."""
-        prefix = f"transformer.h.{i}."
-        return {name[len(prefix):]: v for name, v in d.items() if name.startswith(prefix)}
+    def _block(self, d: dict, i: int) -> dict:
+        """The entries of block i, keyed without the "transformer.h.{i}." prefix.
+
+        The (short, full) name pairs are listed once per model (speed: no walk over every name of
+        the dict for each block); _check_tensors has already checked that every name is present."""
+        if self._block_names is None:
+            self._block_names = [[(name[len(f"transformer.h.{j}."):], name) for name in self._param_shapes
+                                  if name.startswith(f"transformer.h.{j}.")] for j in range(self.cfg.n_layers)]
+        return {short: d[full] for short, full in self._block_names[i]}
 
     def cache_breakdown(self) -> dict[str, int]:
         """Bytes held by the caches of the last forward, per layer (see manual/memory.py).

@@ -102,6 +102,26 @@ def test_erf_special_values_and_float32():
     assert np.array_equal(y32, ref)
 
 
+def test_float32_erf_of_gelu_within_one_ulp():
+    """The float32 erf that gelu uses on float32 input (float32 arithmetic where |x| < 0.84375, the
+    float64 erf elsewhere) is within 1 ulp of float32(math.erf(x)); gelu float32 stays close to float64."""
+    from manual.layers.activations import _erf_small_f32
+    rng = np.random.default_rng(0)
+    below = float(np.nextafter(np.float32(0.84375), np.float32(0)))   # the largest float32 below 0.84375
+    x = np.concatenate([rng.uniform(-below, below, 200000), np.geomspace(1e-30, below, 2000),
+                        -np.geomspace(1e-30, below, 2000), [0.0, below, -below]]).astype(np.float32)
+    got, z = np.empty_like(x), np.empty_like(x)
+    assert _erf_small_f32(x, got, z).size == 0 and got.dtype == np.float32
+    ref = np.array([math.erf(float(v)) for v in x], dtype=np.float32)
+    ulps = np.abs(got.view(np.int32).astype(np.int64) - ref.view(np.int32).astype(np.int64))
+    assert ulps.max() <= 1, f"float32 erf: {ulps.max()} ulp at x = {x[ulps.argmax()]!r}"
+    xs = np.concatenate([rng.normal(0, 3, 100000), [0.0, 1e-30, -40.0, 40.0, 1.19, -1.2]])
+    y32 = ACTIVATIONS["gelu"][0](xs.astype(np.float32))[0]
+    y64 = ACTIVATIONS["gelu"][0](xs.astype(np.float32).astype(np.float64))[0]
+    assert y32.dtype == np.float32
+    np.testing.assert_allclose(y32, y64, rtol=4e-7, atol=1e-30)
+
+
 # -- embedding ------------------------------------------------------------------------------------
 
 def test_embedding_backward_fd_with_repeated_ids():

@@ -9,6 +9,11 @@ alternate between the two implementations so that machine noise hits both alike;
 report gives medians and the ratio manual / reference (below 1: manual is faster).
 Threads: both sides use the same number of BLAS / intra-op threads (--threads, default 1,
 the fairest comparison on a shared machine).
+Clock: --clock wall (default) times elapsed time; --clock cpu times the CPU time of this process
+(time.process_time: user + system, so page faults count), which other jobs competing for the
+cores do not inflate; use it on a busy machine, with --threads 1.
+Profile: --profile PHASE runs cProfile over the manual side of that phase (--repeats times) and
+prints the functions that took the most time, instead of the comparison.
 """
 from __future__ import annotations
 
@@ -37,6 +42,10 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="wall: elapsed time; cpu: this process's CPU time (robust on a busy machine)")
+    p.add_argument("--profile", choices=["forward", "forward+backward", "train_step"],
+                   help="cProfile the manual side of this phase and print the top functions")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
     if args.repeats < 1:
@@ -85,6 +94,23 @@ def main(argv=None) -> int:
         "manual": phases(m, mo, lambda: manual.optim.clip_grad_norm_(m.grads, 1.0)),
         "reference": phases(r, ro, lambda: ropt.clip_grad_norm(r, 1.0)),
     }
+    if args.profile:
+        import cProfile
+        import pstats
+        run = sides["manual"][args.profile]
+        for _ in range(args.warmup):
+            run()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(args.repeats):
+            run()
+        prof.disable()
+        print(f"manual, {args.profile}, preset {args.preset}, dtype {args.dtype}, B={B} T={T}, "
+              f"{args.repeats} runs (cProfile; times include its overhead)")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+        return 0
+
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     times = {side: {ph: [] for ph in sides[side]} for side in sides}
     for ph in ("forward", "forward+backward", "train_step"):
         for side in sides:
@@ -92,14 +118,14 @@ def main(argv=None) -> int:
                 sides[side][ph]()
         for _ in range(args.repeats):
             for side in sides:  # alternate so noise hits both alike
-                t0 = time.perf_counter()
+                t0 = clock()
                 sides[side][ph]()
-                times[side][ph].append(time.perf_counter() - t0)
+                times[side][ph].append(clock() - t0)
 
     result = {"preset": args.preset, "dtype": args.dtype, "batch_size": B, "seq_len": T,
-              "threads": args.threads, "repeats": args.repeats, "phases": {}}
+              "threads": args.threads, "repeats": args.repeats, "clock": args.clock, "phases": {}}
     print(f"preset {args.preset}  dtype {args.dtype}  B={B} T={T}  threads={args.threads}  "
-          f"repeats={args.repeats} (medians)")
+          f"repeats={args.repeats} (medians, {args.clock} clock)")
     print(f"{'phase':<18} {'manual ms':>10} {'reference ms':>13} {'ratio m/r':>10}")
     for ph in ("forward", "forward+backward", "train_step"):
         mm = statistics.median(times["manual"][ph]) * 1e3

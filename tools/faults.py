@@ -273,7 +273,8 @@ def loss_pair(*, subtract_max=True, count_pad=False):
         else:
             weight = valid.astype(dtype)
         count = weight.sum()
-        loss = np.asarray(np.sum(per_pos * weight) / count if n else np.nan, dtype=dtype)
+        with np.errstate(over="ignore", invalid="ignore"):
+            loss = np.asarray(np.sum(per_pos * weight) / count if n else np.nan, dtype=dtype)
         return (loss, n), ("copy", p, targets, weight, count, temperature, n)
 
     def loss_backward(dloss, cache):

@@ -64,11 +64,7 @@ from conformance.compare import Comparison, compare  # noqa: E402
 from manual import registry  # noqa: E402
 from manual.config import PRESETS, ModelConfig  # noqa: E402
 
-# The optimizer trajectory uses conformance/engine.py's check_optimizer settings.
-OPTIMIZERS = {
-    "adamw": (dict(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8), 1.0),
-    "sgd": (dict(lr=0.1, momentum=0.9, weight_decay=0.01), None),
-}
+from conformance.engine import OPTIMIZERS  # noqa: E402  (the suite's trajectory settings)
 FD_DIRECTIONS = 3          # random directions per argument in the finite-difference check
 FD_REL_TOL = 1e-6          # |<g, v> - fd| <= FD_REL_TOL * scale of the directional derivative
 
@@ -192,7 +188,7 @@ def nodes(cfg: ModelConfig) -> list[Node]:
     def P(prefix, *roles):
         out = {}
         for role, suffix in roles:
-            if suffix == "bias" and not cfg.bias:
+            if suffix.endswith("bias") and not cfg.bias:
                 continue
             out[role] = f"{prefix}.{suffix}"
         return out
@@ -498,8 +494,8 @@ def blame_backward(node: Node, cfg: ModelConfig, params: dict, ref_taps: dict, i
             result[side][label] = worst[side]
     verdict = {side: all(e <= FD_REL_TOL for e in errs.values()) for side, errs in result.items()}
     return {"layer": node.name, "kind": "finite differences (float64, "
-            f"{FD_DIRECTIONS} random directions per argument, tol {FD_REL_TOL:g})",
-            "errors": result, "agrees": verdict}
+            f"{FD_DIRECTIONS} random directions per argument, tol {FD_REL_TOL:g}); relative error of each "
+            "gradient", "errors": result, "agrees": verdict, "tol": FD_REL_TOL}
 
 
 def blame_forward(node: Node, cfg: ModelConfig, params: dict, ref_taps: dict, side_tensors: dict, ids, targets,
@@ -809,19 +805,20 @@ def blame_layer(setup: Setup, tensor: str, ref: dict, under: dict, other: str) -
 # printing
 
 def _fmt(v):
-    if isinstance(v, float) and math.isinf(v):
-        return "inf"
+    if isinstance(v, float) and not math.isfinite(v):
+        return f"{v!r:>9}"
     return f"{v:9.2e}"
 
 
-def print_report(rep: Report, diff_only: bool = False, out=sys.stdout) -> None:
+def print_report(rep: Report, diff_only: bool = False, out=None) -> None:
+    out = out or sys.stdout
     s = rep.setup
     B, T = s.ids.shape
     side = "manual" if rep.other == "manual" else "dump"
     print(f"layerdiff: {side} vs reference | {s.label} | batch {B}x{T} | "
           f"{len(rep.rows)} tensors" + (f" + {len(rep.opt_rows)} optimizer comparisons" if rep.opt_rows else ""),
           file=out)
-    header = f"{'stage':<9} {'tensor':<44} {'shape':<16} {'max_abs':>9} {'max_rel':>9} {'tol':>9}  verdict"
+    header = f"{'stage':<9} {'tensor':<44} {'shape':<16} {'max_abs':>9} {'max_rel':>10} {'tol':>9}  verdict"
     print(header, file=out)
     print("-" * len(header), file=out)
     stage = {"activation": "forward", "loss": "forward", "activation_grad": "backward", "param_grad": "backward",
@@ -836,7 +833,7 @@ def print_report(rep: Report, diff_only: bool = False, out=sys.stdout) -> None:
             skipped = 0
         name = c.tensor + (f" [step {c.step}]" if c.step is not None else "")
         print(f"{stage.get(c.check, c.check):<9} {name:<44} {str(tuple(c.shape)):<16} {_fmt(c.max_abs)} "
-              f"{_fmt(c.max_rel)} {_fmt(c.tol)}  {'OK' if c.passed else 'DIFF'}", file=out)
+              f"{_fmt(c.max_rel):>10} {_fmt(c.tol)}  {'OK' if c.passed else 'DIFF'}", file=out)
     if skipped:
         print(f"{'':<9} ... {skipped} tensor(s) agree", file=out)
     print("-" * len(header), file=out)
@@ -850,7 +847,8 @@ def print_report(rep: Report, diff_only: bool = False, out=sys.stdout) -> None:
     f = rep.first
     print(f"{n_diff} tensor(s) differ. First divergent tensor: {f.tensor}"
           + (f" at step {f.step}" if f.step is not None else ""), file=out)
-    print(f"  written by: {rep.first_where}", file=out)
+    print(f"  written by: {rep.first_where}" + ("  [here: the same layer of the dumped implementation]"
+                                                if rep.other != "manual" else ""), file=out)
     print(f"  worst element {tuple(f.worst_index)}: {side} {f.a_value!r} vs reference {f.b_value!r} "
           f"(|diff| {f.max_abs:.3g}, tol {f.tol:.3g})" + (f"  [{f.note}]" if f.note else ""), file=out)
     b = rep.blame
@@ -861,9 +859,10 @@ def print_report(rep: Report, diff_only: bool = False, out=sys.stdout) -> None:
                 print(f"    could not run: {res['error']}", file=out)
             for sd, errs in res.get("errors", {}).items():
                 if isinstance(errs, dict):
-                    shown = ", ".join(f"{k} {v:.2e}" for k, v in errs.items() if k not in ("tol", "badness")
-                                      and isinstance(v, float))
-                    extra = f" (tol {errs['tol']:.2e})" if "tol" in errs else ""
+                    tol = errs.get("tol", res.get("tol"))
+                    shown = ", ".join(f"{k} {v:.2e}" + (" (WRONG)" if tol is not None and v > tol else "")
+                                      for k, v in errs.items() if k not in ("tol", "badness") and isinstance(v, float))
+                    extra = f"  [tol {errs['tol']:.2e}]" if "tol" in errs else ""
                     ok = res.get("agrees", {}).get(sd)
                     print(f"    {sd:<10} {'agrees' if ok else 'DISAGREES'}: {shown}{extra}", file=out)
             if "note" in res:
@@ -906,6 +905,16 @@ def _cell(name: str):
     return base, base
 
 
+def _row_order(row: str):
+    if row == "embed":
+        return (0, 0)
+    if row.startswith("h."):
+        return (1, int(row.split(".")[1]))
+    if row.startswith("mtp."):
+        return (3, int(row.split(".")[1]))
+    return {"ln_f": (2, 0), "head": (4, 0)}.get(row, (5, 0))
+
+
 def plot(rep: Report, path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -923,6 +932,7 @@ def plot(rep: Report, path) -> None:
                 rnames.append(r)
             if k not in cnames:
                 cnames.append(k)
+        rnames.sort(key=_row_order)                        # layers top to bottom in forward order
         grid = np.full((len(rnames), len(cnames)), np.nan)
         for c in rows:
             r, k = _cell(c.tensor)
@@ -1001,6 +1011,8 @@ def load_dump(path, cfg: ModelConfig, B: int, T: int) -> dict[str, np.ndarray]:
     else:
         from manual.checkpoint import load_tensors
         tensors, _meta = load_tensors(path)
+    if "loss" in tensors and tensors["loss"].size == 1:
+        tensors["loss"] = tensors["loss"].reshape(())        # a scalar saved as shape (1,) is the same scalar
     known = expected_shapes(cfg, B, T)
     unknown = sorted(set(tensors) - set(known))
     if unknown:
@@ -1063,12 +1075,13 @@ def run_zoo(names=None, workers: int = 2) -> dict:
             sum(r["localized"] for r in results), "total": n, "wall_seconds": round(wall, 2), "workers": workers}
 
 
-def print_zoo(z: dict, out=sys.stdout) -> None:
-    print(f"{'fault':<34} {'caught':<7} {'localized':<10} {'first divergent tensor':<46} blame", file=out)
+def print_zoo(z: dict, out=None) -> None:
+    out = out or sys.stdout
+    print(f"{'fault':<34} {'caught':<7} {'localized':<10} {'first divergent tensor':<52} blame", file=out)
     for r in z["faults"]:
         first = (r["first_divergent"] or "-") + (f" [step {r['step']}]" if r.get("step") else "")
         print(f"{r['name']:<34} {'yes' if r['caught'] else 'NO':<7} {'yes' if r['localized'] else 'NO':<10} "
-              f"{first:<46} {r['blame']}", file=out)
+              f"{first:<52} {r['blame']}", file=out)
         if not r["localized"]:
             print(f"{'':<34} expected: {r['expected']}", file=out)
     print(f"caught {z['caught']}/{z['total']}, localized {z['localized']}/{z['total']} "
@@ -1233,6 +1246,8 @@ def main(argv=None) -> int:
     steps = args.steps or 0
     if steps < 0:
         p.error(f"--steps must be >= 0, got {steps}")
+    if steps and args.against:
+        p.error("--steps runs the manual optimizer; a dump (--against) holds one forward/backward only")
     try:
         setup = setup_from_args(args, p)
     except (ValueError, TypeError, OSError) as exc:
@@ -1250,13 +1265,15 @@ def main(argv=None) -> int:
         except ValueError as exc:
             p.error(str(exc))
     import warnings
-    warnings.filterwarnings("ignore", category=RuntimeWarning)
-    if fault is not None:
-        with faults.inject(fault.name) as sides:
-            setup.label += f" | fault {fault.name}"
-            rep = debug(setup, sides, steps=steps, optimizer=args.optimizer, blame=not args.no_blame)
-    else:
-        rep = debug(setup, None, steps=steps, optimizer=args.optimizer, blame=not args.no_blame, against=against)
+    with warnings.catch_warnings():          # overflow in a broken side is a finding, reported in the table
+        warnings.simplefilter("ignore", RuntimeWarning)
+        if fault is not None:
+            with faults.inject(fault.name) as sides:
+                setup.label += f" | fault {fault.name}"
+                rep = debug(setup, sides, steps=steps, optimizer=args.optimizer, blame=not args.no_blame)
+        else:
+            rep = debug(setup, None, steps=steps, optimizer=args.optimizer, blame=not args.no_blame,
+                        against=against)
     print_report(rep, diff_only=args.diff_only)
     if args.json:
         Path(args.json).write_text(json.dumps(rep.as_json(), indent=1, default=str))

@@ -33,7 +33,6 @@ import argparse
 import ctypes
 import gc
 import json
-import math
 import sys
 import time
 import tracemalloc
@@ -360,41 +359,57 @@ def churn(cfg, ids, targets, optimizer: str, impls, steps_before: int = 2) -> di
 
 # -- RSS timeline (memory-profiler) --------------------------------------------------------------
 
-def timeline(cfg, ids, targets, optimizer: str, impls, steps: int = 3, interval: float = 0.002) -> dict:
-    """RSS of this process, sampled by memory_profiler.memory_usage every `interval` s, while each
-    implementation builds its model and runs `steps` training steps; phase starts are marked.
-    RSS is a loose outer bound (allocator caches, freed pages not returned to the OS)."""
-    from memory_profiler import memory_usage
+def timeline(cfg, B: int, T: int, optimizer: str, impls, steps: int = 3, interval: float = 0.005) -> dict:
+    """RSS over time (memory_profiler.memory_usage, every `interval` s) of a fresh child process per
+    implementation that builds the model and runs `steps` training steps, printing a timestamp
+    at the start of each phase. A fresh process, because RSS only grows in one that has already
+    allocated and freed (the C allocator keeps freed pages). RSS is a loose outer bound."""
+    import subprocess
 
-    import manual
-    import reference
+    from memory_profiler import memory_usage
 
     out = {}
     for impl in impls:
-        marks: list[tuple[str, float]] = []
-
-        def run():
-            marks.append(("init", time.time()))
-            model = (manual.Model if impl == "manual" else reference.Model)(cfg, seed=0)
-            opt = _optimizer(impl, model, optimizer)
-            for _ in range(steps):
-                marks.append(("forward", time.time()))
-                opt.zero_grad()
-                model.forward(ids, targets)
-                marks.append(("backward", time.time()))
-                model.backward()
-                marks.append(("optimizer_step", time.time()))
-                opt.step()
-            marks.append(("end", time.time()))
-            time.sleep(3 * interval)         # one more sample after the end
-
-        gc.collect()
-        samples = memory_usage((run, (), {}), interval=interval, timestamps=True, include_children=False)
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--timeline-child", impl, "--preset", "tiny",
+               "--config-json", cfg.to_json(), "--batch-size", str(B), "--seq-len", str(T),
+               "--optimizer", optimizer, "--steps", str(steps)]
+        child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        samples = memory_usage(child, interval=interval, timestamps=True, include_children=False)
+        stdout, stderr = child.communicate()
+        if child.returncode != 0:
+            raise RuntimeError(f"timeline child for {impl} failed ({child.returncode}): {stderr[-2000:]}")
+        marks = json.loads(stdout.strip().splitlines()[-1])
         t0 = marks[0][1]
-        out[impl] = {"t_s": [round(t - t0, 5) for _, t in samples], "rss_mib": [round(m, 3) for m, _ in samples],
+        t_end = marks[-1][1]
+        keep = [(m, t) for m, t in samples if t0 - 0.05 <= t <= t_end + 0.03]   # not the imports, not the exit
+        out[impl] = {"t_s": [round(t - t0, 5) for _, t in keep], "rss_mib": [round(m, 3) for m, _ in keep],
                      "marks": [[name, round(t - t0, 5)] for name, t in marks]}
-        gc.collect()
     return out
+
+
+def timeline_child(cfg, B: int, T: int, optimizer: str, impl: str, steps: int) -> None:
+    """The child process of `timeline`: prints [[phase, time.time()], ...] as its last line."""
+    import manual
+    import manual.optim  # noqa: F401
+    import reference
+    import reference.optim  # noqa: F401
+
+    ids, targets = make_batch(cfg, B, T, seed=0)
+    time.sleep(0.1)                                    # a few samples of the baseline
+    marks = [("init", time.time())]
+    model = (manual.Model if impl == "manual" else reference.Model)(cfg, seed=0)
+    opt = _optimizer(impl, model, optimizer)
+    for _ in range(steps):
+        marks.append(("forward", time.time()))
+        opt.zero_grad()
+        model.forward(ids, targets)
+        marks.append(("backward", time.time()))
+        model.backward()
+        marks.append(("optimizer_step", time.time()))
+        opt.step()
+    marks.append(("end", time.time()))
+    time.sleep(0.05)
+    print(json.dumps(marks))
 
 
 # -- scaling sweeps ---------------------------------------------------------------------------------
@@ -519,7 +534,7 @@ def profile(cfg, B: int, T: int, optimizer: str, impls, with_timeline: bool = Tr
     result["conformance"] = conformance_figures(cfg, ids, targets, optimizer, impls)
     result["churn"] = churn(cfg, ids, targets, optimizer, impls)
     if with_timeline:
-        result["timeline"] = timeline(cfg, ids, targets, optimizer, impls)
+        result["timeline"] = timeline(cfg, B, T, optimizer, impls)
     return result
 
 
@@ -654,7 +669,7 @@ def plot_profile(result, path) -> None:
     for impl, tl in result.get("timeline", {}).items():
         rss = np.asarray(tl["rss_mib"])
         ax1.plot(tl["t_s"], rss - rss[0], color=COLORS[impl], lw=1.4,
-                 label=f"{impl} (RSS {rss[0]:.0f} MiB at its start)")
+                 label=f"{impl} (fresh process, RSS {rss[0]:.0f} MiB before the build)")
         seen = set()
         for name, t in tl["marks"]:
             ax1.axvline(t, color=COLORS[impl], ls=":", lw=0.8, alpha=0.7)
@@ -744,6 +759,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep-values", type=int, nargs="+", metavar="N", help="the T or B values of --sweep")
     p.add_argument("--dry-run", action="store_true", help="size the config from the closed forms; allocate nothing")
     p.add_argument("--no-timeline", action="store_true", help="skip the RSS timeline (memory-profiler)")
+    p.add_argument("--timeline-child", choices=IMPLS, help=argparse.SUPPRESS)   # internal: see timeline()
+    p.add_argument("--config-json", help=argparse.SUPPRESS)
+    p.add_argument("--steps", type=int, default=3, help=argparse.SUPPRESS)
     p.add_argument("--max-gb", type=float, default=8.0,
                    help="refuse a real run whose estimated footprint exceeds this many GiB (default 8)")
     return p
@@ -752,6 +770,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
+    if args.timeline_child:
+        cfg = ModelConfig.from_json(args.config_json)
+        timeline_child(cfg, args.batch_size, args.seq_len, args.optimizer, args.timeline_child, args.steps)
+        return 0
     overrides = {"dtype": args.dtype, **({"attention": args.attention} if args.attention else {})}
     cfg = ModelConfig.preset(args.preset, **overrides)
     B = args.batch_size if args.batch_size is not None else PRESETS[args.preset].train.get("batch_size", 4)

@@ -4,8 +4,9 @@
 
 Backward: a token id that occurs at several positions received its row at each of them, so
 its gradient is the SUM over those positions:
-    dwte[v] += sum_{(b, t): ids[b, t] == v} dx[b, t]       (np.add.at; `dwte[ids] += dx` would
-                                                             keep only one of the repeated rows)
+    dwte[v] += sum_{(b, t): ids[b, t] == v} dx[b, t]       (`dwte[ids] += dx` would keep only one
+                                                             of the repeated rows; the rows of dx are
+                                                             grouped by id and each group summed)
     dwpe[t] += sum_b dx[b, t]                               for t < T; rows >= T get nothing
 
 Cache: ids (B*T int64 = 8*B*T bytes). ids are not differentiable: backward returns nothing
@@ -27,5 +28,12 @@ def embedding_forward(ids, wte, wpe):
 def embedding_backward(dx, ids, dwte, dwpe):
     """Accumulates dwte (V, C) and dwpe (S, C); returns None (ids have no gradient)."""
     T, C = ids.shape[1], dx.shape[-1]
-    np.add.at(dwte, ids.reshape(-1), dx.reshape(-1, C))        # repeated ids: summed, not overwritten
+    # Repeated ids are summed, not overwritten. Same sums as np.add.at(dwte, ids, dx), faster: sort the
+    # positions by id (stable: each group keeps position order), sum each group's rows with one
+    # reduceat, then add one row per distinct id.
+    flat = ids.reshape(-1)                                     # (B*T,)
+    order = np.argsort(flat, kind="stable")                    # (B*T,)
+    ids_sorted = flat[order]
+    first = np.flatnonzero(np.diff(ids_sorted, prepend=-1))    # (U,) start of each group of equal ids
+    dwte[ids_sorted[first]] += np.add.reduceat(dx.reshape(-1, C)[order], first, axis=0)  # (U, C), ids distinct
     dwpe[:T] += dx.sum(axis=0)                                 # (T, C)

@@ -19,10 +19,16 @@ import numpy as np
 
 def layernorm_forward(x, w, b, eps):
     """x (B, T, C), w (C,), b (C,) or None -> y (B, T, C); cache (xhat, rstd, w)."""
-    mean = x.mean(axis=-1, keepdims=True)                      # (B, T, 1)
+    C = x.shape[-1]
+    # the means are written as sum / C: the same arithmetic as np.mean, without its Python overhead
+    mean = x.sum(axis=-1, keepdims=True)                       # (B, T, 1)
+    mean /= C
     xc = x - mean                                              # (B, T, C)
-    var = np.mean(xc * xc, axis=-1, keepdims=True)             # (B, T, 1) biased variance
-    rstd = 1.0 / np.sqrt(var + eps)                            # (B, T, 1) (eps is a weak Python float)
+    var = np.square(xc).sum(axis=-1, keepdims=True)            # (B, T, 1)
+    var /= C                                                   # biased variance
+    var += eps                                                 # (eps is a weak Python float)
+    rstd = np.sqrt(var, out=var)
+    rstd = np.divide(1.0, rstd, out=rstd)                      # (B, T, 1) 1 / sqrt(var + eps)
     xc *= rstd                                                 # xhat, in place (B, T, C)
     xhat = xc
     y = xhat * w                                               # (B, T, C)
@@ -37,9 +43,12 @@ def layernorm_backward(dy, cache, dw, db=None):
     dw += (dy * xhat).reshape(-1, dy.shape[-1]).sum(axis=0)   # (C,)
     if db is not None:
         db += dy.reshape(-1, dy.shape[-1]).sum(axis=0)         # (C,)
+    C = dy.shape[-1]
     g = dy * w                                                 # (B, T, C) dL/dxhat
-    g_mean = g.mean(axis=-1, keepdims=True)                    # (B, T, 1)
-    gx_mean = np.mean(g * xhat, axis=-1, keepdims=True)        # (B, T, 1)
+    g_mean = g.sum(axis=-1, keepdims=True)                     # (B, T, 1)
+    g_mean /= C                                                # mean_c(g) (sum / C, as np.mean)
+    gx_mean = (g * xhat).sum(axis=-1, keepdims=True)           # (B, T, 1)
+    gx_mean /= C                                               # mean_c(g * xhat)
     g -= g_mean
     g -= xhat * gx_mean
     g *= rstd                                                  # dx, in place (B, T, C)
