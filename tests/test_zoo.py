@@ -17,6 +17,8 @@ pytest.importorskip("torch")
 import manual  # noqa: E402
 import manual.layers  # noqa: E402
 import manual.optim  # noqa: E402
+import manual.sampling  # noqa: E402,F401  (imported up front: a module first imported mid-test would look
+import manual.trainer  # noqa: E402,F401   like a change to the package in manual_globals())
 from conformance.engine import run_case  # noqa: E402
 from tools import faults, layerdiff  # noqa: E402
 
@@ -29,6 +31,8 @@ def manual_globals():
     snap = {}
     for mod in faults._manual_modules():
         for k, v in vars(mod).items():
+            if k == "__builtins__":
+                continue
             snap[(mod.__name__, k)] = id(v)
             if isinstance(v, dict):
                 for kk, vv in v.items():

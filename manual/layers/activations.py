@@ -57,7 +57,7 @@ _SB = (1.0, 3.03380607434824582924e+01, 3.25792512996573918826e+02, 1.5367295860
 
 
 def _poly(coeffs, x, out=None):
-    """c0 + c1 x + c2 x^2 + ... by Horner's rule (float64; one multiply and one add per degree)."""
+    """c0 + c1 x + c2 x^2 + ... by Horner's rule, in x's dtype (one multiply and one add per degree)."""
     out = np.multiply(x, coeffs[-1], out=out)
     out += coeffs[-2]
     for c in coeffs[-3::-1]:
