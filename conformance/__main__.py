@@ -71,7 +71,7 @@ def main(argv=None) -> int:
             for part in pool.map(run_case, todo, [checks] * len(todo)):
                 results += part
     passed = summarize(results, verbose=args.verbose)
-    print(f"({len(todo)} configurations, {time.perf_counter() - t0:.1f} s)")
+    print(f"({len(todo)} cases, {time.perf_counter() - t0:.1f} s)")
     if args.json:
         write_json(args.json, results)
         print(f"wrote {args.json}")

@@ -139,7 +139,7 @@ def memory_checks(case, path, m, r, ids, targets, sides) -> list[Comparison]:
     ratio = measured / ref_saved if ref_saved else float("inf")
     out.append(Comparison(config=lab, check="memory", tensor="activation bytes ratio manual/reference",
                           passed=bool(ratio <= 1.0), max_abs=float(ratio), max_rel=float(ratio), tol=1.0,
-                          rule="ratio <= 1", a_value=measured, b_value=ref_saved,
+                          rule="ratio <= 1", a_value=measured, b_value=ref_saved, scale=1.0,
                           note=f"manual {measured} B vs autograd saved {ref_saved} B"))
 
     # transient peak of forward + backward, tracemalloc against the prediction
@@ -149,7 +149,8 @@ def memory_checks(case, path, m, r, ids, targets, sides) -> list[Comparison]:
     out.append(Comparison(config=lab, check="memory", tensor="forward+backward peak (tracemalloc vs predicted)",
                           passed=bool(rel <= PEAK_TOLERANCE), max_abs=float(abs(measured_peak - predicted_peak)),
                           max_rel=float(rel), tol=PEAK_TOLERANCE * predicted_peak,
-                          rule="within 10% of predicted", a_value=measured_peak, b_value=predicted_peak))
+                          rule="within 10% of predicted", a_value=measured_peak, b_value=predicted_peak,
+                          scale=float(predicted_peak)))
     return out
 
 

@@ -14,7 +14,7 @@ def summarize(results: list[Comparison], verbose: bool = False, out=sys.stdout) 
     for c in results:
         groups[(c.config, c.check)].append(c)
     header = (f"{'config':<28} {'check':<15} {'tensor (worst of n)':<38} "
-              f"{'max_abs':>17}  {'max_rel':>17}  {'tol':>13}  verdict")
+              f"{'max_abs':>17}  {'err/scale':>16}  {'tol':>13}  verdict")
     print(header, file=out)
     print("-" * len(header), file=out)
     for (config, check), items in groups.items():
