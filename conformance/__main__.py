@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
                    help="model preset whose variants are checked (default tiny)")
     p.add_argument("--dtype", default="both", choices=["float64", "float32", "both"])
-    p.add_argument("--quick", action="store_true", help=f"only a few variants")
+    p.add_argument("--quick", action="store_true", help="only a few variants")
     p.add_argument("--variant", action="append", help=f"only these variants (repeatable): {', '.join(VARIANTS)}")
     p.add_argument("--check", action="append", choices=CHECKS, help="only these checks (repeatable)")
     p.add_argument("--json", metavar="PATH", help="write every comparison as JSON")

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import gc
 import tempfile
-import tracemalloc
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -181,6 +180,21 @@ def trajectory_batches(case: Case, n: int):
     return [make_batch(case.cfg, case.batch, case.T, case.seed + 1 + s, case.pad) for s in range(n)]
 
 
+def make_optimizers(sides: Sides, m, r, kind: str):
+    """The trajectory's optimizers over the decay groups: (manual optimizer, torch optimizer)."""
+    from reference import optim as ropt
+
+    hp, _clip = OPTIMIZERS[kind]
+    groups = registry.decay_groups(m.cfg, hp["weight_decay"])
+    if kind == "adamw":
+        mo = sides.manual_optim.AdamW(m.params, m.grads, lr=hp["lr"], betas=hp["betas"], eps=hp["eps"],
+                                      weight_decay=hp["weight_decay"], groups=groups)
+    else:
+        mo = sides.manual_optim.SGD(m.params, m.grads, lr=hp["lr"], momentum=hp["momentum"],
+                                    weight_decay=hp["weight_decay"], groups=groups)
+    return mo, ropt.make_optimizer(r, kind=kind, **hp)
+
+
 def check_optimizer(case, path, sides: Sides) -> list[Comparison]:
     """20 steps of AdamW (decay groups, clipping) and of SGD with momentum from one checkpoint."""
     from reference import optim as ropt
@@ -189,17 +203,10 @@ def check_optimizer(case, path, sides: Sides) -> list[Comparison]:
     dt = np.dtype(cfg.dtype)
     batches = trajectory_batches(case, case.opt_steps)
     out = []
-    for kind, (hp, clip) in OPTIMIZERS.items():
+    for kind, (_hp, clip) in OPTIMIZERS.items():
         m = sides.manual.load(path)
         r = sides.reference.load(path)
-        groups = registry.decay_groups(cfg, hp["weight_decay"])
-        if kind == "adamw":
-            mo = sides.manual_optim.AdamW(m.params, m.grads, lr=hp["lr"], betas=hp["betas"], eps=hp["eps"],
-                                          weight_decay=hp["weight_decay"], groups=groups)
-        else:
-            mo = sides.manual_optim.SGD(m.params, m.grads, lr=hp["lr"], momentum=hp["momentum"],
-                                        weight_decay=hp["weight_decay"], groups=groups)
-        ro = ropt.make_optimizer(r, kind=kind, **hp)
+        mo, ro = make_optimizers(sides, m, r, kind)
         worst: dict[str, Comparison] = {}
         # float32 AdamW is teacher-forced (FORCED_NOTE): the manual optimizer steps on the
         # reference's gradients, after those gradients have been compared.

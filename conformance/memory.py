@@ -25,13 +25,13 @@ What tools/memprof.py adds on top, kept here so that both read one accounting:
 """
 from __future__ import annotations
 
-import gc
-import tracemalloc
 import weakref
 
 import numpy as np
 
 from manual import registry
+
+from manual.memory import measured_peak_bytes as manual_peak_bytes  # noqa: F401  (one definition)
 
 from .compare import Comparison, compare_exact
 
@@ -152,24 +152,6 @@ def memory_checks(case, path, m, r, ids, targets, sides) -> list[Comparison]:
                           rule="within 10% of predicted", a_value=measured_peak, b_value=predicted_peak,
                           scale=float(predicted_peak)))
     return out
-
-
-def manual_peak_bytes(model, ids, targets) -> int:
-    """tracemalloc peak of one forward + backward, above what was live before it (params, grads)."""
-    model.forward(ids, targets)    # warm-up: first-call allocations (lazy buffers) are not the steady state
-    model.backward()
-    model.zero_grad()
-    gc.collect()
-    tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        base, _ = tracemalloc.get_traced_memory()
-        model.forward(ids, targets)
-        model.backward()
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    return peak - base
 
 
 # -- per phase closed forms (tools/memprof.py) ---------------------------------------------------

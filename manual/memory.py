@@ -32,6 +32,9 @@ replaces them), residual sums (an add needs nothing), the PAD mask (recomputed f
 """
 from __future__ import annotations
 
+import gc
+import tracemalloc
+
 from .config import ModelConfig
 
 INT64 = 8
@@ -136,3 +139,23 @@ def peak_bytes(cfg: ModelConfig, B: int, T: int) -> int:
 def peak_bytes_closed_form(cfg: ModelConfig, B: int, T: int) -> int:
     """Peak of a training step's forward + backward in total: parameters + gradients + peak_bytes."""
     return 2 * param_bytes(cfg) + peak_bytes(cfg, B, T)
+
+
+def measured_peak_bytes(model, ids, targets) -> int:
+    """tracemalloc peak of one forward + backward, above what was live before it (params, grads).
+
+    The measurement `peak_bytes` predicts; the conformance memory check and tools/memprof.py use it."""
+    model.forward(ids, targets)    # warm-up: first-call allocations (lazy buffers) are not the steady state
+    model.backward()
+    model.zero_grad()
+    gc.collect()
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base, _ = tracemalloc.get_traced_memory()
+        model.forward(ids, targets)
+        model.backward()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return peak - base

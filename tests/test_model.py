@@ -7,7 +7,7 @@ from manual import checkpoint
 from manual.config import ModelConfig
 from manual.memory import activation_breakdown, activation_bytes
 from manual.model import DebugCheckError, Model
-from manual.registry import init_params, param_count_closed_form, param_specs, tap_shapes, resolve
+from manual.registry import init_params, param_count_closed_form, param_specs, tap_shapes
 from test_layers import central_difference, rel_err, TOL
 
 # Step of the model's finite differences: the loss (~2.5) carries ~5e-16 of rounding, which a step
@@ -312,26 +312,6 @@ def test_cache_bytes_closed_form_by_hand():
     assert activation_bytes(cfg, B, T) == expected == 1136320
 
 
-def measured_peak(model, ids, targets):
-    """tracemalloc peak of one forward + backward above what was live before (after a warm-up step)."""
-    import gc
-    import tracemalloc
-    model.forward(ids, targets)
-    model.backward()
-    model.zero_grad()
-    gc.collect()
-    tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        base, _ = tracemalloc.get_traced_memory()
-        model.forward(ids, targets)
-        model.backward()
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    return peak - base
-
-
 @pytest.mark.parametrize("overrides,B,T", [
     (dict(), 4, 20),
     (dict(attention="flash", n_future=2, temperature=0.5), 4, 20),
@@ -339,11 +319,11 @@ def measured_peak(model, ids, targets):
     (dict(dtype="float64", activation="gelu_tanh", tie_embeddings=False, bias=False), 1, 20),
 ])
 def test_peak_bytes_match_tracemalloc_within_10_percent(overrides, B, T):
-    from manual.memory import param_bytes, peak_bytes, peak_bytes_closed_form
+    from manual.memory import measured_peak_bytes, param_bytes, peak_bytes, peak_bytes_closed_form
     cfg = ModelConfig.preset("tiny", **overrides)
     model = Model(cfg, 0)
     ids, targets = batch(cfg, B=B, T=T)
-    got, predicted = measured_peak(model, ids, targets), peak_bytes(cfg, B, T)
+    got, predicted = measured_peak_bytes(model, ids, targets), peak_bytes(cfg, B, T)
     assert abs(got - predicted) <= 0.10 * predicted, f"tracemalloc peak {got} B vs predicted {predicted} B"
     assert peak_bytes_closed_form(cfg, B, T) == predicted + 2 * param_bytes(cfg)
     assert param_bytes(cfg) == sum(v.nbytes for v in model.params.values())

@@ -258,7 +258,7 @@ def test_epochs(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--lr", "-1"], "argument --lr: must be a finite number > 0, got -1"),
     (["--lr", "nan"], "argument --lr: must be a finite number > 0, got nan"),
-    (["--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+    (["--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got 0"),
     (["--max-steps", "ten"], "argument --max-steps: expected an integer >= 1, got 'ten'"),
     (["--clip-norm", "-0.5"], "argument --clip-norm: must be a finite number >= 0, got -0.5"),
     (["--optimizer", "adam"], "argument --optimizer: invalid choice: 'adam'"),

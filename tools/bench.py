@@ -52,7 +52,6 @@ def main(argv=None) -> int:
         p.error(f"--repeats must be >= 1, got {args.repeats}")
     _set_threads(args.threads)
 
-    import numpy as np
     import torch
 
     torch.set_num_threads(args.threads)

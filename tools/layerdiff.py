@@ -64,7 +64,7 @@ from conformance.compare import Comparison, compare  # noqa: E402
 from manual import registry  # noqa: E402
 from manual.config import PRESETS, ModelConfig  # noqa: E402
 
-from conformance.engine import OPTIMIZERS  # noqa: E402  (the suite's trajectory settings)
+from conformance.engine import OPTIMIZERS, make_optimizers  # noqa: E402  (the suite's trajectory settings)
 FD_DIRECTIONS = 3          # random directions per argument in the finite-difference check
 FD_REL_TOL = 1e-6          # |<g, v> - fd| <= FD_REL_TOL * scale of the directional derivative
 
@@ -541,14 +541,7 @@ def optimizer_walk(setup: Setup, sides, steps: int, kind: str = "adamw") -> tupl
     hp, clip = OPTIMIZERS[kind]
     m = sides.manual.from_params(cfg, setup.params)
     r = sides.reference.from_params(cfg, setup.params)
-    groups = registry.decay_groups(cfg, hp["weight_decay"])
-    if kind == "adamw":
-        mo = sides.manual_optim.AdamW(m.params, m.grads, lr=hp["lr"], betas=hp["betas"], eps=hp["eps"],
-                                      weight_decay=hp["weight_decay"], groups=groups)
-    else:
-        mo = sides.manual_optim.SGD(m.params, m.grads, lr=hp["lr"], momentum=hp["momentum"],
-                                    weight_decay=hp["weight_decay"], groups=groups)
-    ro = ropt.make_optimizer(r, kind=kind, **hp)
+    mo, ro = make_optimizers(sides, m, r, kind)
     forced = kind == "adamw" and dt == np.float32      # as the engine: float32 AdamW is teacher-forced
     names = [s.name for s in registry.param_specs(cfg)]
     rows: list[Comparison] = []

@@ -325,7 +325,7 @@ def churn(cfg, ids, targets, optimizer: str, impls, steps_before: int = 2) -> di
         model = (manual.Model if impl == "manual" else reference.Model)(cfg, seed=0)
         opt = _optimizer(impl, model, optimizer)
 
-        def step():
+        def step(model=model, opt=opt):
             opt.zero_grad()
             model.forward(ids, targets)
             model.backward()

@@ -22,6 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tools._args import int_at_least  # noqa: E402
+
 CHECKPOINT_NAME = "checkpoint.safetensors"
 
 
@@ -35,30 +37,17 @@ def _temperature(text: str) -> float:
     return value
 
 
-def _int_at_least(low: int, what: str = ""):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}{what}, got {value}")
-        return value
-    parse.__name__ = f"int>={low}"
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python tools/sample.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", metavar="CHECKPOINT",
                    help=f"a checkpoint file, or a folder holding {CHECKPOINT_NAME} (tools/train.py --out)")
     p.add_argument("--prompt", default="The ", help="text to continue (default 'The ')")
-    p.add_argument("--max-new-tokens", type=_int_at_least(0), default=200, help="default 200")
+    p.add_argument("--max-new-tokens", type=int_at_least(0), default=200, help="default 200")
     p.add_argument("--temperature", type=_temperature, default=1.0, help="0 = greedy (default 1.0)")
-    p.add_argument("--top-k", type=_int_at_least(1, " (or leave it out for no cut)"), default=None,
+    p.add_argument("--top-k", type=int_at_least(1, " (or leave it out for no cut)"), default=None,
                    help="sample among the k most likely tokens only")
-    p.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of the uniform draws (default 0)")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the uniform draws (default 0)")
     p.add_argument("--impl", choices=("manual", "reference"), default="manual")
     return p
 

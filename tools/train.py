@@ -41,6 +41,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tools._args import int_at_least  # noqa: E402
+
 CHECKPOINT_NAME = "checkpoint.safetensors"
 # arguments that belong to one session and are never taken from the checkpoint on --resume
 SESSION_ONLY = {"resume", "stop_at", "json", "plot", "quiet", "threads", "time_limit"}
@@ -50,18 +52,6 @@ MODEL_FLAGS = ("d_model", "n_heads", "d_ff", "n_layers", "max_seq_len", "norm", 
 
 # ----------------------------------------------------------------------------------------------
 # argument types: each error names the value
-
-def _int_at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-        return value
-    parse.__name__ = f"int>={low}"
-    return parse
 
 
 def _float(low: float = 0.0, strict: bool = False):
@@ -86,44 +76,44 @@ def build_parser() -> argparse.ArgumentParser:
                    help="manual (NumPy, hand-written backward) or reference (PyTorch autograd); default manual")
     g = p.add_argument_group("model (the preset, with any field overridden)")
     g.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    g.add_argument("--d-model", type=_int_at_least(1))
-    g.add_argument("--n-heads", type=_int_at_least(1))
-    g.add_argument("--d-ff", type=_int_at_least(1))
-    g.add_argument("--n-layers", type=_int_at_least(1))
-    g.add_argument("--max-seq-len", type=_int_at_least(1), help="context length = window length T")
+    g.add_argument("--d-model", type=int_at_least(1))
+    g.add_argument("--n-heads", type=int_at_least(1))
+    g.add_argument("--d-ff", type=int_at_least(1))
+    g.add_argument("--n-layers", type=int_at_least(1))
+    g.add_argument("--max-seq-len", type=int_at_least(1), help="context length = window length T")
     g.add_argument("--norm", choices=NORMS)
     g.add_argument("--activation", choices=ACTIVATIONS)
     g.add_argument("--bias", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=None)
-    g.add_argument("--n-future", type=_int_at_least(1), help="prediction heads (multi-token prediction)")
+    g.add_argument("--n-future", type=int_at_least(1), help="prediction heads (multi-token prediction)")
     g.add_argument("--attention", choices=ATTENTIONS)
     g.add_argument("--dtype", choices=DTYPES, default="float32")
     g.add_argument("--loss", choices=LOSSES, default="cross_entropy",
                    help="cross_entropy, or brier (squared distance of the softmax from the one-hot target)")
     g = p.add_argument_group("data")
     g.add_argument("--tokenizer", choices=("char", "word"), default="char")
-    g.add_argument("--max-vocab", type=_int_at_least(5),
+    g.add_argument("--max-vocab", type=int_at_least(5),
                    help="vocabulary size including the 4 special tokens; char default: every character; "
                         "word default: the preset's vocab_size (tiny: 100, the blog's 100-word vocabulary)")
     src = g.add_mutually_exclusive_group()
     src.add_argument("--data", metavar="FILE", help="a UTF-8 text file (default: the embedded corpus)")
-    src.add_argument("--synthetic", type=_int_at_least(2), metavar="N",
+    src.add_argument("--synthetic", type=int_at_least(2), metavar="N",
                      help="a deterministic synthetic corpus of N characters (fast tests)")
     g.add_argument("--val-fraction", type=_float(0.0, strict=True), default=0.1,
                    help="the last part of the token stream that validates (default 0.1)")
-    g.add_argument("--seed", type=_int_at_least(0), default=0, help="initial weights and batch order (default 0)")
+    g.add_argument("--seed", type=int_at_least(0), default=0, help="initial weights and batch order (default 0)")
     g = p.add_argument_group("training")
-    g.add_argument("--batch-size", type=_int_at_least(1), default=16,
+    g.add_argument("--batch-size", type=int_at_least(1), default=16,
                    help="windows per update; 1 is the blog's step training (default 16)")
-    g.add_argument("--epochs", type=_int_at_least(1), help="passes over the training windows (default 1)")
-    g.add_argument("--max-steps", type=_int_at_least(1), help="updates (caps --epochs when both are given)")
+    g.add_argument("--epochs", type=int_at_least(1), help="passes over the training windows (default 1)")
+    g.add_argument("--max-steps", type=int_at_least(1), help="updates (caps --epochs when both are given)")
     g.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
     g.add_argument("--lr", type=_float(0.0, strict=True), default=3e-3, help="peak learning rate (default 3e-3)")
     g.add_argument("--weight-decay", type=_float(), default=0.0,
                    help="decoupled (AdamW) / L2 (SGD) decay of the matrices only (registry.decay_groups)")
     g.add_argument("--momentum", type=_float(), default=0.0, help="SGD momentum (default 0)")
     g.add_argument("--schedule", choices=("constant", "cosine"), default="constant")
-    g.add_argument("--warmup", type=_int_at_least(0), default=0, help="linear warm-up steps (default 0)")
+    g.add_argument("--warmup", type=int_at_least(0), default=0, help="linear warm-up steps (default 0)")
     g.add_argument("--min-lr-ratio", type=_float(), default=0.1,
                    help="cosine: the final learning rate as a fraction of --lr (default 0.1)")
     g.add_argument("--clip-norm", type=_float(), default=1.0,
@@ -132,21 +122,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--time-limit", type=_float(0.0, strict=True), metavar="SECONDS",
                    help="stop (and save) after this much wall time")
     g = p.add_argument_group("evaluation and output")
-    g.add_argument("--eval-every", type=_int_at_least(0), default=100,
+    g.add_argument("--eval-every", type=int_at_least(0), default=100,
                    help="validation loss and perplexity every N steps (and at the start and end; 0 = only those)")
-    g.add_argument("--eval-windows", type=_int_at_least(0), default=256,
+    g.add_argument("--eval-windows", type=int_at_least(0), default=256,
                    help="validation windows used, evenly spaced over the validation text (0 = all; default 256)")
     g.add_argument("--out", metavar="DIR", default="runs/latest",
                    help=f"checkpoint folder; writes DIR/{CHECKPOINT_NAME} (default runs/latest)")
-    g.add_argument("--save-every", type=_int_at_least(0), default=500,
+    g.add_argument("--save-every", type=int_at_least(0), default=500,
                    help="checkpoint every N steps, and always at the end (0 = only at the end; default 500)")
     g.add_argument("--resume", metavar="DIR_OR_FILE", help="continue from a checkpoint written by this tool")
-    g.add_argument("--stop-at", type=_int_at_least(1), metavar="STEP",
+    g.add_argument("--stop-at", type=int_at_least(1), metavar="STEP",
                    help="stop and save after this step, as if interrupted (resume later with --resume)")
     g.add_argument("--json", metavar="PATH", help="write a summary: losses, the loss curve, tokens/s")
     g.add_argument("--plot", metavar="PATH", help="write the loss curve as a PNG")
     g.add_argument("--quiet", action="store_true", help="no progress bar and no log lines")
-    g.add_argument("--threads", type=_int_at_least(1),
+    g.add_argument("--threads", type=int_at_least(1),
                    help="BLAS / torch threads (default: the libraries' own choice)")
     return p
 
@@ -167,7 +157,7 @@ def resolve_checkpoint(path: str) -> Path:
 def main(argv=None) -> int:
     # threads first: BLAS reads these variables when NumPy is imported (build_parser imports it)
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--threads", type=_int_at_least(1))
+    pre.add_argument("--threads", type=int_at_least(1))
     threads = pre.parse_known_args(argv)[0].threads
     if threads:
         for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):

@@ -11,7 +11,6 @@ Leading dimensions are flattened so every product is one matrix multiply (one BL
 """
 from __future__ import annotations
 
-import numpy as np
 
 
 def linear_forward(x, W, b=None):
