@@ -1091,7 +1091,7 @@ CFG_FLAGS = ("dtype", "norm", "activation", "attention", "loss", "n_layers", "d_
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python tools/layerdiff.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="See docs/debugging.md for a walk-through.")
+                                epilog="See the README section \"Debugging a gradient bug\" for a walk-through.")
     g = p.add_argument_group("model and weights")
     g.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     g.add_argument("--config", metavar="JSON", help="ModelConfig overrides: a JSON object or a path to one")
