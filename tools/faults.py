@@ -411,24 +411,19 @@ def _sides(**sides):
 # ------------------------------------------------------------------------------------------------
 # the zoo
 
-def _ln(**bug):
-    return _layer_patch(lambda: dict(zip((manual.layers.layernorm_forward, manual.layers.layernorm_backward),
-                                         layernorm_pair(**bug))))
+def _pair(layer: str, make_pair):
+    """A patch swapping manual.layers.<layer>_forward/_backward for the buggy pair make_pair(**bug)."""
+    def factory(**bug):
+        return _layer_patch(lambda: dict(zip((getattr(manual.layers, f"{layer}_forward"),
+                                              getattr(manual.layers, f"{layer}_backward")),
+                                             make_pair(**bug))))
+    return factory
 
 
-def _attn(**bug):
-    return _layer_patch(lambda: dict(zip((manual.layers.attention_forward, manual.layers.attention_backward),
-                                         attention_pair(**bug))))
-
-
-def _loss(**bug):
-    return _layer_patch(lambda: dict(zip((manual.layers.loss_forward, manual.layers.loss_backward),
-                                         loss_pair(**bug))))
-
-
-def _embed(**bug):
-    return _layer_patch(lambda: dict(zip((manual.layers.embedding_forward, manual.layers.embedding_backward),
-                                         embedding_pair(**bug))))
+_ln = _pair("layernorm", layernorm_pair)
+_attn = _pair("attention", attention_pair)
+_loss = _pair("loss", loss_pair)
+_embed = _pair("embedding", embedding_pair)
 
 
 def _gelu_swap():
