@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import ModelConfig
-from .registry import param_specs, resolve
+from .registry import param_shapes, param_specs
 
 FORMAT = "transformer-conformance"
 FORMAT_VERSION = "1"
@@ -105,7 +105,7 @@ def model_metadata(cfg: ModelConfig, extra: dict[str, str] | None = None) -> dic
 def check_params(cfg: ModelConfig, tensors: dict[str, np.ndarray], where: str = "checkpoint",
                  allow_prefixes: tuple[str, ...] = (OPTIM_PREFIX,)) -> None:
     """Raise one CheckpointError listing every missing, unexpected and mismatched tensor."""
-    expected = {s.name: resolve(s, cfg) for s in param_specs(cfg)}
+    expected = param_shapes(cfg)
     dtype = np.dtype(cfg.dtype)
     missing = [n for n in expected if n not in tensors]
     unexpected = [n for n in tensors if n not in expected and not n.startswith(allow_prefixes)]

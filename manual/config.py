@@ -65,6 +65,8 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
                 problems.append(f"{name} must be a finite number > 0, got {value!r}")
+            else:  # a plain Python float: an np.float64 here would promote every float32 array it touches
+                object.__setattr__(self, name, float(value))
         if problems:
             raise ValueError("invalid ModelConfig: " + "; ".join(problems))
 

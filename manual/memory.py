@@ -40,9 +40,14 @@ from .config import ModelConfig
 INT64 = 8
 
 
+def _float_bytes(cfg: ModelConfig) -> int:
+    """s: bytes per float of the config's dtype (4 or 8)."""
+    return 4 if cfg.dtype == "float32" else 8
+
+
 def activation_breakdown(cfg: ModelConfig, B: int, T: int, with_targets: bool = True) -> dict[str, int]:
     """Bytes cached for backward per layer, keyed like Model.cache_breakdown()."""
-    s = 4 if cfg.dtype == "float32" else 8
+    s = _float_bytes(cfg)
     C, H, F, V = cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.vocab_size
     BT = B * T
     ln = s * (BT * C + BT)
@@ -86,7 +91,7 @@ def held_after_forward_bytes(cfg: ModelConfig, B: int, T: int) -> int:
     embed.out (B T C), ln_f (2 B T C + B T), per head logits and softmax (2 B T V), per extra head
     its output (B T C).
     """
-    s = 4 if cfg.dtype == "float32" else 8
+    s = _float_bytes(cfg)
     C, H, F, V, L, k = cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.vocab_size, cfg.n_layers, cfg.n_future
     BT = B * T
     att = 2 * B * H * T * T if cfg.attention == "standard" else B * H * T
@@ -103,7 +108,7 @@ def tap_grad_bytes(cfg: ModelConfig, B: int, T: int) -> int:
     standard only); outside the blocks dlogits (B T V per head), the extra heads' outputs
     ((n_future - 1) B T C), ln_f.out and the last block's output (2 B T C).
     """
-    s = 4 if cfg.dtype == "float32" else 8
+    s = _float_bytes(cfg)
     C, H, F, V, L, k = cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.vocab_size, cfg.n_layers, cfg.n_future
     BT = B * T
     att = 2 * B * H * T * T if cfg.attention == "standard" else 0
@@ -130,7 +135,7 @@ def peak_bytes(cfg: ModelConfig, B: int, T: int) -> int:
     Python objects (dicts, tuples) add a few kB; measured with tracemalloc the prediction holds
     to within a few percent for B T >= 64 (tests/test_model.py, conformance/memory.py).
     """
-    s = 4 if cfg.dtype == "float32" else 8
+    s = _float_bytes(cfg)
     C, F, V = cfg.d_model, cfg.d_ff, cfg.vocab_size
     workspace = s * (3 * B * T * C + max(V * C, C * F, 3 * C * C))
     return held_after_forward_bytes(cfg, B, T) + tap_grad_bytes(cfg, B, T) + workspace

@@ -38,7 +38,7 @@ from .config import ModelConfig
 from .layers import (FLASH_BLOCK, block_backward, block_forward, embedding_backward, embedding_forward,
                      layernorm_backward, layernorm_forward, linear_backward, linear_forward, loss_backward,
                      loss_forward, unembed_backward, unembed_forward)
-from .registry import future_targets, init_params, param_count, param_specs, resolve, tap_specs
+from .registry import future_targets, init_params, param_count, param_shapes, param_specs, tap_shapes, tap_specs
 
 
 class DebugCheckError(AssertionError):
@@ -108,7 +108,7 @@ class Model:
         self.params = init_params(cfg, seed) if _params is None else _params
         self.grads = {name: np.zeros_like(arr) for name, arr in self.params.items()}
         self._dtype = np.dtype(cfg.dtype)
-        self._param_shapes = {s.name: resolve(s, cfg) for s in param_specs(cfg)}
+        self._param_shapes = param_shapes(cfg)
         self._tap_names = [s.name for s in tap_specs(cfg)]
         self._block_names: list | None = None     # per block: (short, full) parameter names, see _block
         self._cache: ForwardCache | None = None
@@ -327,7 +327,7 @@ class Model:
         if what == "gradient of":
             expected = self._param_shapes
         else:
-            expected = {s.name: resolve(s, self.cfg, B, T) for s in tap_specs(self.cfg)}
+            expected = tap_shapes(self.cfg, B, T)
         idle = set()
         if nonzero and self._cache is not None:   # a head without any target gets no gradient, legitimately
             idle = {name for j in range(2, self.cfg.n_future + 1) if not self._cache.n_valid[j - 1]

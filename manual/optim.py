@@ -44,7 +44,7 @@ import numbers
 
 import numpy as np
 
-OPTIM_PREFIX = "optim."   # optimizer tensors in a checkpoint: optim.<state key>.<param name>
+from .checkpoint import OPTIM_PREFIX  # optimizer tensors in a checkpoint: optim.<state key>.<param name>
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,7 +15,23 @@ from __future__ import annotations
 import numpy as np
 
 
-def check_sampling_args(temperature: float, top_k: int | None, max_new_tokens: int, vocab_size: int) -> None:
+def check_generate_inputs(prompt, max_new_tokens: int, temperature: float, top_k: int | None, seed: int,
+                          uniforms: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Validate generate()'s arguments (both implementations); returns (prompt ids int64, uniform draws)."""
+    check_sampling_args(temperature, top_k, max_new_tokens)
+    ids = np.asarray(prompt)
+    if ids.ndim != 1 or ids.size == 0:
+        raise ValueError(f"prompt must be a non-empty 1-D sequence of token ids, got shape {ids.shape}")
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"prompt must hold integer token ids, got dtype {ids.dtype}")
+    if uniforms is None:
+        uniforms = uniform_stream(seed, max_new_tokens)
+    if len(uniforms) < max_new_tokens:
+        raise ValueError(f"{len(uniforms)} uniform draws for {max_new_tokens} tokens")
+    return ids.astype(np.int64), uniforms
+
+
+def check_sampling_args(temperature: float, top_k: int | None, max_new_tokens: int) -> None:
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not np.isfinite(temperature):
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
     if temperature < 0:
@@ -52,15 +68,7 @@ def generate(model, prompt, max_new_tokens: int, temperature: float = 1.0, top_k
              seed: int = 0, uniforms: np.ndarray | None = None) -> np.ndarray:
     """Extend `prompt` (1-D ids) by max_new_tokens tokens; returns only the new ids (int64)."""
     cfg = model.cfg
-    check_sampling_args(temperature, top_k, max_new_tokens, cfg.vocab_size)
-    ids = np.asarray(prompt)
-    if ids.ndim != 1 or ids.size == 0:
-        raise ValueError(f"prompt must be a non-empty 1-D sequence of token ids, got shape {ids.shape}")
-    if uniforms is None:
-        uniforms = uniform_stream(seed, max_new_tokens)
-    if len(uniforms) < max_new_tokens:
-        raise ValueError(f"{len(uniforms)} uniform draws for {max_new_tokens} tokens")
-    ids = ids.astype(np.int64)
+    ids, uniforms = check_generate_inputs(prompt, max_new_tokens, temperature, top_k, seed, uniforms)
     new = []
     for i in range(max_new_tokens):
         context = ids[-cfg.max_seq_len:][None, :]                  # (1, T)

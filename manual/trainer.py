@@ -124,8 +124,9 @@ class TrainState:
     @classmethod
     def from_json(cls, text: str) -> "TrainState":
         d = json.loads(text)
-        if d.pop("version", None) != TRAIN_STATE_VERSION:
-            raise ValueError(f"train_state has an unknown version; this code reads {TRAIN_STATE_VERSION}")
+        version = d.pop("version", None)
+        if version != TRAIN_STATE_VERSION:
+            raise ValueError(f"train_state has version {version!r}; this code reads {TRAIN_STATE_VERSION}")
         return cls(**d)
 
 

@@ -96,6 +96,7 @@ class Model:
         if not isinstance(cfg, ModelConfig):
             raise TypeError(f"cfg must be a ModelConfig, got {type(cfg).__name__}")
         self.cfg = cfg
+        self._tap_names = [s.name for s in tap_specs(cfg)]    # registry order, checked after every forward
         self.module: GPT = build(cfg)
         load_params(self.module, params)
         self._params = canonical_parameters(self.module)        # {name: Parameter}, registry order
@@ -115,9 +116,8 @@ class Model:
         taps: dict[str, torch.Tensor] = {}
         with torch.set_grad_enabled(tgt is not None):
             heads, loss = self.module(torch.from_numpy(ids), None if tgt is None else torch.from_numpy(tgt), taps)
-        order = [s.name for s in tap_specs(self.cfg)]
-        if list(taps) != order:   # a module bug: tap names or order differ from the registry
-            raise AssertionError(f"taps {list(taps)} differ from the registry's {order}")
+        if list(taps) != self._tap_names:   # a module bug: tap names or order differ from the registry
+            raise AssertionError(f"taps {list(taps)} differ from the registry's {self._tap_names}")
         self._taps, self._heads, self._loss, self._tap_grads = taps, heads, loss, {}
         self.loss = None if loss is None else float(loss.detach())
         return self.loss

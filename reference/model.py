@@ -61,6 +61,11 @@ def _tap(taps: dict | None, name: str, t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+
+def causal_mask(S: int) -> torch.Tensor:
+    """(S, S) bool, True where key j is in the future of query i (j > i): those scores become -inf."""
+    return torch.triu(torch.ones(S, S, dtype=torch.bool), diagonal=1)
+
 class Conv1D(nn.Module):
     """y = x @ weight + bias with weight stored [in, out], as in GPT-2 / Hugging Face's Conv1D."""
 
@@ -84,9 +89,7 @@ class CausalSelfAttention(nn.Module):
         self.flash = cfg.attention == "flash"
         self.c_attn = Conv1D(cfg.d_model, 3 * cfg.d_model, cfg.bias)   # Q | K | V
         self.c_proj = Conv1D(cfg.d_model, cfg.d_model, cfg.bias)
-        # mask[i, j] True where key j is in the future of query i (j > i)
-        mask = torch.triu(torch.ones(cfg.max_seq_len, cfg.max_seq_len, dtype=torch.bool), diagonal=1)
-        self.register_buffer("mask", mask, persistent=False)           # (S, S)
+        self.register_buffer("mask", causal_mask(cfg.max_seq_len), persistent=False)   # (S, S)
 
     def forward(self, x: torch.Tensor, taps: dict | None = None, name: str = "attn") -> torch.Tensor:
         B, T, C = x.shape
@@ -157,7 +160,7 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """Decoder-only transformer; parameter names are the canonical (HF GPT-2) names.
 
-    A GPT built directly has torch's default initialisation; `reference.Model(cfg, seed)`
+    A GPT built directly has module-level defaults (Conv1D N(0, 0.02), torch's elsewhere); `reference.Model(cfg, seed)`
     loads manual.registry.init_params(cfg, seed) instead, so both sides start equal.
     """
 
@@ -283,7 +286,7 @@ def build(cfg: ModelConfig) -> GPT:
     with torch.device("meta"):
         module = GPT(cfg)
     module = module.to_empty(device="cpu").to(TORCH_DTYPES[cfg.dtype])
-    mask = torch.triu(torch.ones(cfg.max_seq_len, cfg.max_seq_len, dtype=torch.bool), diagonal=1)
+    mask = causal_mask(cfg.max_seq_len)
     for block in module.transformer.h:          # buffers are emptied by to_empty too: rebuild the mask
         block.attn.mask = mask
     if cfg.tie_embeddings:

@@ -13,8 +13,10 @@ import torch
 
 from manual.registry import decay_groups
 
-# optimizer state tensor -> its name in checkpoints / conformance: "optim.<state>.<param name>"
-STATE_NAMES = {"adamw": ("exp_avg", "exp_avg_sq"), "sgd": ("momentum_buffer",)}
+from manual.checkpoint import OPTIM_PREFIX
+
+# optimizer state tensors by torch class, named "optim.<state>.<param name>" in checkpoints / conformance
+STATE_KEYS = {"AdamW": ("exp_avg", "exp_avg_sq"), "SGD": ("momentum_buffer",)}
 
 
 def make_optimizer(model, kind: str = "adamw", lr: float = 1e-3, weight_decay: float = 0.0,
@@ -59,10 +61,10 @@ def optimizer_state(model, opt: torch.optim.Optimizer) -> dict[str, np.ndarray]:
     out = {}
     for name, p in model._params.items():
         state = opt.state.get(p, {})
-        for key in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
+        for key in STATE_KEYS[type(opt).__name__]:
             value = state.get(key)
             if value is not None:
-                out[f"optim.{key}.{name}"] = value.detach().numpy().copy()
+                out[f"{OPTIM_PREFIX}{key}.{name}"] = value.detach().numpy().copy()
     return out
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from manual.sampling import check_sampling_args, uniform_stream
+from manual.sampling import check_generate_inputs
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, u: float) -> int:
@@ -31,12 +31,8 @@ def generate(model, prompt, max_new_tokens: int, temperature: float = 1.0, top_k
              seed: int = 0, uniforms: np.ndarray | None = None) -> np.ndarray:
     """`model` is reference.Model; returns the new ids (int64)."""
     cfg = model.cfg
-    check_sampling_args(temperature, top_k, max_new_tokens, cfg.vocab_size)
-    ids = torch.as_tensor(np.asarray(prompt), dtype=torch.long)
-    if ids.ndim != 1 or ids.numel() == 0:
-        raise ValueError(f"prompt must be a non-empty 1-D sequence of token ids, got shape {tuple(ids.shape)}")
-    if uniforms is None:
-        uniforms = uniform_stream(seed, max_new_tokens)
+    prompt, uniforms = check_generate_inputs(prompt, max_new_tokens, temperature, top_k, seed, uniforms)
+    ids = torch.from_numpy(prompt)                                   # (T,) int64
     new = []
     for i in range(max_new_tokens):
         context = ids[-cfg.max_seq_len:][None, :]                    # (1, T)

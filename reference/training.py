@@ -24,13 +24,12 @@ import torch
 from manual.checkpoint import OPTIM_PREFIX
 
 from .model import canonical_parameters
-from .optim import make_optimizer
+from .optim import STATE_KEYS, make_optimizer, optimizer_state
 
 KINDS = {"adamw": "AdamW", "sgd": "SGD"}
 # the hyperparameters saved per group, the same keys as manual.optim's defaults
 HYPER = {"AdamW": ("lr", "betas", "eps", "weight_decay"),
          "SGD": ("lr", "momentum", "dampening", "nesterov", "weight_decay")}
-STATE_KEYS = {"AdamW": ("exp_avg", "exp_avg_sq"), "SGD": ("momentum_buffer",)}
 
 
 class TorchOptimizer:
@@ -74,12 +73,9 @@ class TorchOptimizer:
     # -- checkpoints ------------------------------------------------------------------------
 
     def state_dict(self) -> tuple[dict[str, np.ndarray], dict]:
-        tensors, steps = {}, {}
+        tensors, steps = optimizer_state(self.model, self.opt), {}
         for name, p in self.params.items():
             st = self.opt.state.get(p, {})
-            for key in STATE_KEYS[self.kind]:
-                if st.get(key) is not None:
-                    tensors[f"{OPTIM_PREFIX}{key}.{name}"] = st[key].detach().numpy().copy()
             if "step" in st:
                 steps[name] = int(st["step"].item() if torch.is_tensor(st["step"]) else st["step"])
         groups = []

@@ -119,3 +119,26 @@ def test_from_params_lists_every_problem():
     with pytest.raises(ValueError, match=r"(?s)1 missing, 0 unexpected, 1 mismatched.*ln_f.bias.*shape \(12, 8\), "
                                          r"expected \(11, 8\)"):
         Model.from_params(CFG, params)
+
+
+def test_numpy_scalar_config_floats_do_not_promote_float32():
+    """np.float64(0.5) passes an isinstance(float) check; stored as is, it would turn every float32
+    logit / temperature (and the whole backward) into float64. The config keeps a Python float."""
+    cfg = CFG.replace(dtype="float32", temperature=np.float64(0.5), ln_eps=np.float64(1e-5))
+    assert type(cfg.temperature) is float and type(cfg.ln_eps) is float
+    model = Model(cfg, debug=True)                    # debug mode checks every tap and grad's dtype
+    ids = np.array([[1, 2, 3, 4]])
+    model.forward(ids, np.array([[2, 3, 4, 5]]))
+    model.backward()
+    assert {a.dtype for a in model.tap_grads.values()} == {np.dtype(np.float32)}
+
+
+@pytest.mark.parametrize("prompt, uniforms, error, pattern", [
+    (np.array([5.7, 6.2]), None, TypeError, "integer token ids, got dtype float64"),
+    (np.array([[1, 2]]), None, ValueError, r"1-D sequence of token ids, got shape \(1, 2\)"),
+    (np.array([1, 2]), np.zeros(1), ValueError, "1 uniform draws for 3 tokens"),
+])
+def test_generate_rejects_bad_prompts_and_short_uniform_streams(model, prompt, uniforms, error, pattern):
+    from manual.sampling import generate
+    with pytest.raises(error, match=pattern):
+        generate(model, prompt, 3, uniforms=uniforms)

@@ -545,3 +545,14 @@ def test_manual_agrees_with_reference_float64_tiny(kw):
         assert a.shape == b.shape and a.dtype == b.dtype == np.float64, (name, a.shape, b.shape, a.dtype, b.dtype)
         err, scale = float(np.abs(a - b).max()), float(np.abs(b).max())
         assert err <= 1e-9 * max(scale, 1e-30), f"{name}: max abs error {err:.3e}, scale {scale:.3e}"
+
+
+@pytest.mark.parametrize("prompt, uniforms, error, pattern", [
+    (np.array([5.7, 6.2]), None, TypeError, "integer token ids, got dtype float64"),
+    (np.array([1, 2]), np.zeros(1), ValueError, "1 uniform draws for 3 tokens"),
+])
+def test_reference_generate_checks_inputs_like_manual(prompt, uniforms, error, pattern):
+    from reference.sampling import generate
+    model = Model(ModelConfig(vocab_size=11, d_model=8, n_heads=2, d_ff=12, n_layers=1, max_seq_len=6))
+    with pytest.raises(error, match=pattern):
+        generate(model, prompt, 3, uniforms=uniforms)

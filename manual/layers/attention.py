@@ -22,6 +22,7 @@ and only the row log-sum-exp lse = m + log l (B*H*T numbers) is kept instead of 
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -31,11 +32,14 @@ from .linear import linear_backward, linear_forward
 FLASH_BLOCK = 64  # keys per block in flash attention
 
 
-def _causal_mask(T, dtype, rows=None, cols=None):
-    """Additive mask: 0 where key j <= query i, -inf where j > i.  (len(rows), len(cols))."""
-    rows = np.arange(T) if rows is None else rows
-    cols = np.arange(T) if cols is None else cols
-    return np.where(cols[None, :] > rows[:, None], -np.inf, 0.0).astype(dtype)  # (Tq, Tk)
+@functools.lru_cache(maxsize=64)
+def _causal_mask(T, dtype):
+    """Additive mask: 0 where key j <= query i, -inf where j > i.  (T, T), built once per (T, dtype)
+    and read-only; flash attention uses slices of it."""
+    i = np.arange(T)
+    mask = np.where(i[None, :] > i[:, None], -np.inf, 0.0).astype(dtype)     # (T, T)
+    mask.setflags(write=False)
+    return mask
 
 
 def _split_heads(qkv, H):
@@ -134,13 +138,12 @@ def _flash_forward(q, k, v, scale, block):
     m = np.full((B, H, T, 1), -np.inf, dtype=q.dtype)          # (B, H, T, 1) running row max
     l = np.zeros((B, H, T, 1), dtype=q.dtype)                  # (B, H, T, 1) running sum of exp(att - m)
     acc = np.zeros((B, H, T, D), dtype=q.dtype)                # (B, H, T, D) running sum of exp(att - m) v
-    rows = np.arange(T)
     for j0 in range(0, T, block):
         j1 = min(j0 + block, T)
         # 3. att = q k^T / sqrt(D), block of keys [j0, j1), query rows [j0, T)
         s = q[:, :, j0:] @ k[:, :, j0:j1].transpose(0, 1, 3, 2)   # (B, H, T-j0, j1-j0)
         s *= scale
-        s += _causal_mask(T, s.dtype, rows[j0:], rows[j0:j1])
+        s += _causal_mask(T, s.dtype)[j0:, j0:j1]
         # 4. online softmax: rescale what was accumulated with the old max
         m_new = np.maximum(m[:, :, j0:], s.max(axis=-1, keepdims=True))  # (B, H, T-j0, 1), finite (key j0 <= row)
         corr = np.exp(m[:, :, j0:] - m_new)                    # (B, H, T-j0, 1); exp(-inf) = 0 on the first block
@@ -167,14 +170,13 @@ def _flash_backward(dy, q, k, v, y, lse, scale, block):
     dq = np.zeros_like(q)                                      # (B, H, T, D)
     dk = np.empty_like(k)                                      # (B, H, T, D)
     dv = np.empty_like(v)                                      # (B, H, T, D)
-    rows = np.arange(T)
     for j0 in range(0, T, block):
         j1 = min(j0 + block, T)
         qi, kj, vj, dyi = q[:, :, j0:], k[:, :, j0:j1], v[:, :, j0:j1], dy[:, :, j0:]
         # 3.-4. recompute probs of this block: p = exp(att - lse), 0 where masked
         s = qi @ kj.transpose(0, 1, 3, 2)                      # (B, H, T-j0, j1-j0)
         s *= scale
-        s += _causal_mask(T, s.dtype, rows[j0:], rows[j0:j1])
+        s += _causal_mask(T, s.dtype)[j0:, j0:j1]
         s -= lse[:, :, j0:, None]
         p = np.exp(s, out=s)                                   # (B, H, T-j0, j1-j0)
         # 5. y = probs v

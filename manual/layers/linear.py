@@ -12,7 +12,6 @@ Leading dimensions are flattened so every product is one matrix multiply (one BL
 from __future__ import annotations
 
 
-
 def linear_forward(x, W, b=None):
     """y = x @ W + b.   x (..., I), W (I, O), b (O,) -> y (..., O); cache (x, W)."""
     y = x.reshape(-1, x.shape[-1]) @ W                         # (N, O), N = product of leading dims
