@@ -24,9 +24,8 @@ from .report import summarize, write_json
 
 
 def _one_thread() -> None:
-    """Worker processes share the cores: one BLAS / intra-op thread each."""
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = "1"
+    """Worker processes share the cores: one intra-op thread each (BLAS was limited at the top of
+    this module, before NumPy loaded, and forked workers inherit that)."""
     try:
         import torch
         torch.set_num_threads(1)
@@ -48,6 +47,8 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", "-j", type=int, default=os.cpu_count() or 1,
                    help="configurations checked in parallel, one process each (default: CPU count)")
     args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")
     if args.preset == "gpt2-small":
         p.error("the gpt2-small preset is for import and sizing only (124M parameters); use tiny or medium")
     dtypes = ("float64", "float32") if args.dtype == "both" else (args.dtype,)
@@ -57,8 +58,6 @@ def main(argv=None) -> int:
         p.error(str(exc))
     checks = tuple(args.check) if args.check else CHECKS
     t0 = time.perf_counter()
-    if args.jobs < 1:
-        p.error(f"--jobs must be >= 1, got {args.jobs}")
     for case in todo:
         if args.preset != "tiny":   # bigger presets: fewer optimizer steps and tokens keep it interactive
             case.opt_steps, case.gen_tokens = 3, 5

@@ -73,6 +73,13 @@ class Comparison:
     step: int | None = None      # optimizer step, generation position, ...
     extra: dict = field(default_factory=dict)
 
+    @property
+    def badness(self) -> float:
+        """max_abs / tol: above 1 fails; inf for a nonzero error where nothing is allowed."""
+        if self.tol > 0:
+            return self.max_abs / self.tol
+        return math.inf if self.max_abs > 0 else 0.0
+
     def as_json(self) -> dict:
         d = asdict(self)
         d["shape"] = list(self.shape)

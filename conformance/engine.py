@@ -13,13 +13,13 @@ For one `Case` (a config, a seed and a batch shape) `run_case` does, in this ord
                          parameter and every piece of optimizer state after each step;
     7. generation        greedy 30 tokens, and temperature + top-k sampling driven by one shared
                          stream of uniform draws, token for token;
-    9. training          (cases with train_steps > 0) both trained for train_steps steps with the
-                         same loop, data order and schedule (conformance/training.py): the loss of
-                         every step and every weight at the end.
     8. memory            parameter / gradient / optimizer-state bytes equal in both and equal to
                          closed forms; manual activation bytes equal to manual/memory.py's closed
                          form; manual / reference (autograd saved tensors) ratio <= 1; tracemalloc
                          peak of forward + backward within 10% of the predicted peak.
+    9. training          (cases with train_steps > 0) both trained for train_steps steps with the
+                         same loop, data order and schedule (conformance/training.py): the loss of
+                         every step and every weight at the end.
 
 Every comparison goes through conformance.compare.compare (or compare_exact for integers).
 The manual side is the one under test (`a`), the reference is `b`.
@@ -114,35 +114,31 @@ def make_batch(cfg: ModelConfig, B: int, T: int, seed: int, pad: bool = True):
 
 # -- the checks -------------------------------------------------------------------------------
 
-def _label(case: Case) -> str:
-    return case.name()
-
-
 def check_param_count(case, m, r) -> list[Comparison]:
     cfg, out = case.cfg, []
     closed = registry.param_count_closed_form(cfg)
     out.append(compare_exact(m.num_params(), closed, tensor="total (manual vs closed form)",
-                             check="param_count", config=_label(case)))
+                             check="param_count", config=case.name()))
     out.append(compare_exact(r.num_params(), closed, tensor="total (reference vs closed form)",
-                             check="param_count", config=_label(case)))
+                             check="param_count", config=case.name()))
     for spec in registry.param_specs(cfg):
         shape = registry.resolve(spec, cfg)
         want = int(np.prod(shape))
         a = m.params[spec.name].size if spec.name in m.params else -1
         b = r.params[spec.name].size if spec.name in r.params else -1
-        c = compare_exact(a, b, tensor=spec.name, check="param_count", config=_label(case))
+        c = compare_exact(a, b, tensor=spec.name, check="param_count", config=case.name())
         if c.passed and a != want:
             c.passed, c.note = False, f"both sides have {a} elements, the registry says {want} {shape}"
         out.append(c)
     extra = sorted((set(m.params) | set(r.params)) - {s.name for s in registry.param_specs(cfg)})
     for name in extra:
-        out.append(Comparison(config=_label(case), check="param_count", tensor=name, passed=False,
+        out.append(Comparison(config=case.name(), check="param_count", tensor=name, passed=False,
                               note="parameter not in the registry"))
     return out
 
 
 def check_forward_backward(case, m, r, ids, targets, want=CHECKS) -> list[Comparison]:
-    cfg, lab, out = case.cfg, _label(case), []
+    cfg, lab, out = case.cfg, case.name(), []
     dt = np.dtype(cfg.dtype)
     m.zero_grad()
     r.zero_grad()
@@ -199,7 +195,7 @@ def check_optimizer(case, path, sides: Sides) -> list[Comparison]:
     """20 steps of AdamW (decay groups, clipping) and of SGD with momentum from one checkpoint."""
     from reference import optim as ropt
 
-    cfg, lab = case.cfg, _label(case)
+    cfg, lab = case.cfg, case.name()
     dt = np.dtype(cfg.dtype)
     batches = trajectory_batches(case, case.opt_steps)
     out = []
@@ -217,7 +213,7 @@ def check_optimizer(case, path, sides: Sides) -> list[Comparison]:
             # per tensor: its first failing step if it ever fails, else its worst passing step
             old = worst.get(c.tensor)
             if old is None or (old.passed and not c.passed) or \
-                    (old.passed and c.passed and _badness(c) > _badness(old)):
+                    (old.passed and c.passed and c.badness > old.badness):
                 worst[c.tensor] = c
 
         for step, (ids, targets) in enumerate(batches, start=1):
@@ -266,14 +262,10 @@ FORCED_NOTE = (
     "float32 SGD are not forced.")
 
 
-def _badness(c: Comparison) -> float:
-    return c.max_abs / c.tol if c.tol > 0 else (np.inf if c.max_abs > 0 else 0.0)
-
-
 def check_generation(case, m, r, sides: Sides) -> list[Comparison]:
     from reference.sampling import generate as rgen
 
-    cfg, lab = case.cfg, _label(case)
+    cfg, lab = case.cfg, case.name()
     prompt = make_batch(cfg, 1, min(4, cfg.max_seq_len), case.seed + 99, pad=False)[0][0]
     out = []
     for label, kw in (("greedy", dict(temperature=0.0)),
@@ -321,7 +313,7 @@ def run_case(case: Case, checks=CHECKS, sides: Sides | None = None, workdir=None
         if "training" in checks and case.train_steps > 0:
             from .training import training_equivalence
             out += training_equivalence(case.cfg, steps=case.train_steps, seed=case.seed,
-                                        label=f"{_label(case)}.train{case.train_steps}")
+                                        label=f"{case.name()}.train{case.train_steps}")
         del m, r
         gc.collect()
     return out

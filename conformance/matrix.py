@@ -1,6 +1,6 @@
-"""The conformance matrix: the tiny preset and its variants, each in float64 and float32.
+"""The conformance matrix: a preset (tiny by default) and its variants, each in float64 and float32.
 
-One line per variant. `cases(dtypes, quick)` expands it; the pytest suite and
+One line per variant. `cases(preset, dtypes, quick, only)` expands it; the pytest suite and
 `python -m conformance` both read it from here.
 """
 from __future__ import annotations

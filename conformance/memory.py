@@ -31,7 +31,9 @@ import numpy as np
 
 from manual import registry
 
-from manual.memory import measured_peak_bytes as manual_peak_bytes  # noqa: F401  (one definition)
+from manual.memory import buffer_owner as _owner
+from manual.memory import measured_peak_bytes as manual_peak_bytes
+from manual.memory import param_bytes
 
 from .compare import Comparison, compare_exact
 
@@ -40,33 +42,36 @@ PEAK_TOLERANCE = 0.10  # tracemalloc peak within 10% of the predicted peak (issu
 
 # -- closed forms -----------------------------------------------------------------------
 
-def itemsize(cfg) -> int:
-    return np.dtype(cfg.dtype).itemsize
-
-
 def closed_forms(cfg, optimizer: str = "adamw") -> dict:
-    P = registry.param_count(cfg)
     per = {"adamw": 2, "sgd": 1, "none": 0}
     if optimizer not in per:
         raise ValueError(f"optimizer must be one of {sorted(per)}, got {optimizer!r}")
-    return {"parameters": P * itemsize(cfg), "gradients": P * itemsize(cfg),
-            "optimizer_state": per[optimizer] * P * itemsize(cfg)}
+    pb = param_bytes(cfg)                       # P * itemsize, the tied matrix once
+    return {"parameters": pb, "gradients": pb, "optimizer_state": per[optimizer] * pb}
+
+
+LR, SGD_MOMENTUM = 1e-3, 0.9   # the memory runs' optimizers (SGD with momentum, so it has state)
+
+
+def memory_optimizer(impl: str, model, kind: str, manual_optim=None):
+    """The optimizer the memory accounting measures ("manual" or "reference" side), no weight decay."""
+    if impl == "manual":
+        if manual_optim is None:
+            import manual.optim as manual_optim
+        groups = registry.decay_groups(model.cfg, 0.0)
+        if kind == "adamw":
+            return manual_optim.AdamW(model.params, model.grads, lr=LR, groups=groups)
+        return manual_optim.SGD(model.params, model.grads, lr=LR, momentum=SGD_MOMENTUM, groups=groups)
+    from reference import optim as ropt
+    return ropt.make_optimizer(model, kind=kind, lr=LR, **({"momentum": SGD_MOMENTUM} if kind == "sgd" else {}))
 
 
 # -- measured: manual --------------------------------------------------------------------
 
 def _unique_nbytes(arrays) -> int:
-    """Bytes of the distinct buffers behind `arrays` (a view counts with its base, once)."""
-    seen, total = set(), 0
-    for a in arrays:
-        base = a
-        while isinstance(base, np.ndarray) and base.base is not None and isinstance(base.base, np.ndarray):
-            base = base.base
-        key = (base.__array_interface__["data"][0], base.nbytes)
-        if key not in seen:
-            seen.add(key)
-            total += base.nbytes
-    return total
+    """Bytes of the distinct buffers behind `arrays` (a view counts with its owner, once)."""
+    owners = {id(o): o for o in map(_owner, arrays)}
+    return sum(o.nbytes for o in owners.values())
 
 
 def manual_bytes(model, opt=None) -> dict:
@@ -107,12 +112,8 @@ def memory_checks(case, path, m, r, ids, targets, sides) -> list[Comparison]:
     for kind in ("adamw", "sgd"):
         mm = sides.manual.load(path)
         rr = sides.reference.load(path)
-        groups = registry.decay_groups(cfg, 0.0)
-        if kind == "adamw":
-            mo = sides.manual_optim.AdamW(mm.params, mm.grads, lr=1e-3, groups=groups)
-        else:
-            mo = sides.manual_optim.SGD(mm.params, mm.grads, lr=1e-3, momentum=0.9, groups=groups)
-        ro = ropt.make_optimizer(rr, kind=kind, lr=1e-3, **({"momentum": 0.9} if kind == "sgd" else {}))
+        mo = memory_optimizer("manual", mm, kind, sides.manual_optim)
+        ro = memory_optimizer("reference", rr, kind)
         for model in (mm, rr):
             model.forward(ids, targets)
             model.backward()
@@ -206,13 +207,6 @@ _CACHE_NAMES = {
     "mtp": {(0, 0): "ln_f.out", (1, 0): "out"},
     "loss": {(0,): "softmax p", (1,): "targets"},
 }
-
-
-def _owner(a: np.ndarray) -> np.ndarray:
-    """The array that owns a view's memory (follow .base while it is an ndarray)."""
-    while isinstance(a.base, np.ndarray):
-        a = a.base
-    return a
 
 
 def _walk(obj, path=()):

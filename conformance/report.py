@@ -1,4 +1,4 @@
-"""Running a list of cases and printing / writing the result."""
+"""Printing (one line per configuration and check) and writing (JSON) a list of comparisons."""
 from __future__ import annotations
 
 import json
@@ -23,8 +23,7 @@ def summarize(results: list[Comparison], verbose: bool = False, out=sys.stdout) 
                 print(c.line(), file=out)
             continue
         failed = [c for c in items if not c.passed]
-        worst = max(items, key=lambda c: (not c.passed, c.max_abs / c.tol if c.tol > 0 else
-                                          (float("inf") if c.max_abs > 0 else 0.0)))
+        worst = max(items, key=lambda c: (not c.passed, c.badness))
         line = worst.line()
         print(line + (f"   [{len(items)} tensors]" if len(items) > 1 else ""), file=out)
         for c in failed:

@@ -35,6 +35,8 @@ from __future__ import annotations
 import gc
 import tracemalloc
 
+import numpy as np
+
 from .config import ModelConfig
 
 INT64 = 8
@@ -164,3 +166,11 @@ def measured_peak_bytes(model, ids, targets) -> int:
     finally:
         tracemalloc.stop()
     return peak - base
+
+
+def buffer_owner(a: np.ndarray) -> np.ndarray:
+    """The array that owns a view's memory (follow .base while it is an ndarray): bytes are
+    counted once per owner."""
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a

@@ -35,6 +35,7 @@ import numpy as np
 
 from . import checkpoint
 from .config import ModelConfig
+from .memory import buffer_owner as _owner
 from .layers import (FLASH_BLOCK, block_backward, block_forward, embedding_backward, embedding_forward,
                      layernorm_backward, layernorm_forward, linear_backward, linear_forward, loss_backward,
                      loss_forward, unembed_backward, unembed_forward)
@@ -350,12 +351,6 @@ class Model:
                 raise DebugCheckError(f"debug: after {stage}, {what} {name} is all zero "
                                       f"(shape {shape}): no gradient reached it")
 
-
-def _owner(a: np.ndarray) -> np.ndarray:
-    """The array that owns a view's memory (follow .base while it is an ndarray)."""
-    while isinstance(a.base, np.ndarray):
-        a = a.base
-    return a
 
 
 def _arrays(obj):

@@ -61,7 +61,7 @@ def test_agrees_with_conformance_memory(tiny):
     ids, targets = make_batch(cfg, B, T, seed=0)
     closed = cmem.closed_forms(cfg, "adamw")
     m, r = manual.Model(cfg, seed=0), reference.Model(cfg, seed=0)
-    mo, ro = memprof._optimizer("manual", m, "adamw"), memprof._optimizer("reference", r, "adamw")
+    mo, ro = cmem.memory_optimizer("manual", m, "adamw"), cmem.memory_optimizer("reference", r, "adamw")
     for model, opt in ((m, mo), (r, ro)):
         model.forward(ids, targets)
         model.backward()

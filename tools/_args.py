@@ -2,6 +2,18 @@
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
+
+BLAS_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def set_blas_threads(n: int) -> None:
+    """Thread count for NumPy's BLAS and torch's OpenMP pool. Takes effect only in a process that has
+    not imported NumPy / torch yet (the libraries read these variables once, at load), and in the
+    child processes started after it."""
+    for var in BLAS_THREAD_VARS:
+        os.environ[var] = str(n)
 
 
 def int_at_least(low: int, what: str = ""):
@@ -16,3 +28,12 @@ def int_at_least(low: int, what: str = ""):
         return value
     parse.__name__ = f"int>={low}"
     return parse
+
+
+CHECKPOINT_NAME = "checkpoint.safetensors"   # the file tools/train.py writes into its --out folder
+
+
+def checkpoint_in(path) -> Path:
+    """A checkpoint file as given, or CHECKPOINT_NAME inside a folder (existence is checked by the loader)."""
+    p = Path(path)
+    return p / CHECKPOINT_NAME if p.is_dir() else p

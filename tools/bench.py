@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -27,30 +26,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def _set_threads(n: int) -> None:
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(n)
+from tools._args import int_at_least, set_blas_threads  # noqa: E402
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    p.add_argument("--batch-size", type=int, default=None, help="default: the preset's batch size")
-    p.add_argument("--seq-len", type=int, default=None, help="default: the preset's max_seq_len")
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batch-size", type=int_at_least(1), default=None, help="default: the preset's batch size")
+    p.add_argument("--seq-len", type=int_at_least(1), default=None, help="default: the preset's max_seq_len")
+    p.add_argument("--repeats", type=int_at_least(1), default=20)
+    p.add_argument("--warmup", type=int_at_least(0), default=3)
+    p.add_argument("--threads", type=int_at_least(1), default=1)
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                    help="wall: elapsed time; cpu: this process's CPU time (robust on a busy machine)")
     p.add_argument("--profile", choices=["forward", "forward+backward", "train_step"],
                    help="cProfile the manual side of this phase and print the top functions")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
-    if args.repeats < 1:
-        p.error(f"--repeats must be >= 1, got {args.repeats}")
-    _set_threads(args.threads)
+    set_blas_threads(args.threads)
 
     import torch
 
@@ -63,9 +57,9 @@ def main(argv=None) -> int:
     from manual.config import PRESETS, ModelConfig
 
     cfg = ModelConfig.preset(args.preset, dtype=args.dtype)
-    B = args.batch_size or PRESETS[args.preset].train.get("batch_size", 4)
-    T = args.seq_len or cfg.max_seq_len
-    if not 1 <= T <= cfg.max_seq_len:
+    B = args.batch_size if args.batch_size is not None else PRESETS[args.preset].train.get("batch_size", 4)
+    T = args.seq_len if args.seq_len is not None else cfg.max_seq_len
+    if T > cfg.max_seq_len:
         p.error(f"--seq-len {T} is outside [1, {cfg.max_seq_len}] for preset {args.preset}")
     ids, targets = make_batch(cfg, B, T, seed=0)
     m = manual.Model(cfg, seed=0)
@@ -77,7 +71,7 @@ def main(argv=None) -> int:
         def fwd():
             model.forward(ids, targets)
 
-        def bwd():  # forward outside the timer would need state juggling; time fwd+bwd and subtract
+        def bwd():  # forward outside the timer would need state juggling; time fwd+bwd together
             model.forward(ids, targets)
             model.backward()
 

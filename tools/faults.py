@@ -73,11 +73,6 @@ class Fault:
         return Case(label=f"zoo.{self.name}", cfg=self.model_config(), seed=0, batch=self.batch,
                     seq_len=self.seq_len, pad=self.pad, opt_steps=max(self.opt_steps, 1), gen_tokens=4)
 
-    def summary(self) -> dict:
-        return {"name": self.name, "stage": self.stage, "expected": self.expected, "checks": list(self.checks),
-                "config": dict(self.config), "batch": self.batch, "seq_len": self.seq_len,
-                "opt_steps": self.opt_steps, "description": self.description, "origin": self.origin}
-
 
 # ------------------------------------------------------------------------------------------------
 # patching machinery

@@ -20,7 +20,7 @@ tolerances: float64 1e-9 of each tensor's scale; float32 torch.testing's table),
     2. the tap gradients, grad.<tap>, in backward order (the taps read bottom-up);
     3. the parameter gradients, grad.<param>, in reverse registry order (the order backward
        produces them);
-    4. with --steps N: an optimizer trajectory (AdamW with the conformance suite's
+    4. with --steps N: an optimizer trajectory (AdamW, or SGD with --optimizer sgd, with the conformance suite's
        hyperparameters, decay groups and global-norm clipping), step by step: loss, grad.<p>,
        grad_norm, clipped_grad.<p>, param.<p>, optim.exp_avg(_sq).<p>, stopping after the first
        step that disagrees.
@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -65,6 +64,8 @@ from manual import registry  # noqa: E402
 from manual.config import PRESETS, ModelConfig  # noqa: E402
 
 from conformance.engine import OPTIMIZERS, make_optimizers  # noqa: E402  (the suite's trajectory settings)
+from tools._args import CHECKPOINT_NAME, int_at_least, set_blas_threads  # noqa: E402
+
 FD_DIRECTIONS = 3          # random directions per argument in the finite-difference check
 FD_REL_TOL = 1e-6          # |<g, v> - fd| <= FD_REL_TOL * scale of the directional derivative
 
@@ -246,8 +247,7 @@ def culprits(cfg: ModelConfig, tensor: str) -> list[Node]:
     if not tensor.startswith("grad."):
         return [n for n in ns if tensor in n.outputs]
     name = tensor[len("grad."):]
-    if name.startswith(("transformer.", "lm_head.", "mtp.")) and "." in name and \
-            name in registry.param_shapes(cfg):
+    if name in registry.param_shapes(cfg):
         return [n for n in ns if name in n.params.values()]
     producer = next((n for n in ns if name in n.outputs), None)
     if producer is not None and name != producer.outputs[-1]:
@@ -511,7 +511,7 @@ def blame_forward(node: Node, cfg: ModelConfig, params: dict, ref_taps: dict, si
         c = compare(got, want.astype(got.dtype), tensor=tensor, check="oracle", expect_dtype=got.dtype)
         errors[side] = {tensor: c.max_abs, "tol": c.tol}
         agrees[side] = c.passed
-        errors[side]["badness"] = (c.max_abs / c.tol) if c.tol > 0 else (math.inf if c.max_abs > 0 else 0.0)
+        errors[side]["badness"] = c.badness
     return {"layer": node.name, "kind": "float64 recomputation from the layer's inputs (NumPy, DESIGN.md formulas)",
             "errors": errors, "agrees": agrees}
 
@@ -665,8 +665,7 @@ def blame_optimizer(bad, setup, sides, kind, hp, clip, step, before, m, r, mstat
     # param.<p> or optim.<state>.<p>: redo the step in float64 from the reference's state before it
     name = what.split(".", 1)[1] if what.startswith("param.") else what.split(".", 2)[2]
     wd = next(gr["weight_decay"] for gr in registry.decay_groups(cfg, hp["weight_decay"]) if name in gr["names"])
-    st = {k.split(".")[1]: v for k, v in before["state"].items() if k.endswith("." + name) and
-          k.split(".", 2)[2] == name}
+    st = {k.split(".")[1]: v for k, v in before["state"].items() if k.split(".", 2)[2] == name}
     p_new, s_new = _textbook_step(kind, hp, before["params"][name], before["clipped"][name], st, step, wd)
     if what.startswith("param."):
         want, got_m, got_r = p_new, m.params[name], r.params[name]
@@ -929,10 +928,7 @@ def plot(rep: Report, path) -> None:
         grid = np.full((len(rnames), len(cnames)), np.nan)
         for c in rows:
             r, k = _cell(c.tensor)
-            if c.tol > 0:
-                v = math.log10(max(c.max_abs, 1e-300) / c.tol)
-            else:
-                v = 0.0 if c.max_abs == 0 else 6.0
+            v = math.log10(max(c.badness, 1e-300))      # log10(error / tolerance), +-6 at most
             grid[rnames.index(r), cnames.index(k)] = max(-6.0, min(6.0, v if math.isfinite(v) else 6.0))
         im = ax.imshow(grid, cmap="RdYlGn_r", vmin=-6, vmax=6, aspect="auto")
         ax.set_xticks(range(len(cnames)))
@@ -982,7 +978,7 @@ def export_case(setup: Setup, folder) -> list[Path]:
     from manual.checkpoint import save_model
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_model(folder / "checkpoint.safetensors", setup.cfg, setup.params)
+    save_model(folder / CHECKPOINT_NAME, setup.cfg, setup.params)
     np.save(folder / "ids.npy", setup.ids.astype(np.int64))
     np.save(folder / "targets.npy", setup.targets.astype(np.int64))
     B, T = setup.ids.shape
@@ -990,7 +986,7 @@ def export_case(setup: Setup, folder) -> list[Path]:
     (folder / "names.txt").write_text("".join(f"{n} {list(shapes[n])}\n" for n, _ in expected_names(setup.cfg)))
     (folder / "README.txt").write_text(DUMP_README.format(dir=folder, dtype=setup.cfg.dtype, shape=(B, T),
                                                           pad=setup.cfg.pad_id))
-    return [folder / n for n in ("checkpoint.safetensors", "ids.npy", "targets.npy", "names.txt", "README.txt")]
+    return [folder / n for n in (CHECKPOINT_NAME, "ids.npy", "targets.npy", "names.txt", "README.txt")]
 
 
 def load_dump(path, cfg: ModelConfig, B: int, T: int) -> dict[str, np.ndarray]:
@@ -1041,8 +1037,6 @@ def run_fault(name: str) -> dict:
 
 
 def _worker_init():
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = "1"
     import torch
     torch.set_num_threads(1)
     import warnings
@@ -1058,6 +1052,7 @@ def run_zoo(names=None, workers: int = 2) -> dict:
     if workers > 1 and len(names) > 1:
         import multiprocessing as mp
         ctx = mp.get_context("spawn")
+        set_blas_threads(1)   # before the spawned workers import NumPy (an initializer would run too late)
         with ctx.Pool(min(workers, len(names)), initializer=_worker_init) as pool:
             results = pool.map(run_fault, names, chunksize=1)
     else:
@@ -1110,19 +1105,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint", metavar="PATH", help="weights and config from a checkpoint")
     g.add_argument("--case", metavar="DIR", help="a folder written by --export-case (checkpoint + batch)")
     b = p.add_argument_group("batch")
-    b.add_argument("--batch", type=int, default=2)
-    b.add_argument("--seq-len", type=int, default=8)
+    b.add_argument("--batch", type=int_at_least(1), default=2)
+    b.add_argument("--seq-len", type=int_at_least(1), default=8)
     b.add_argument("--batch-seed", type=int, default=0)
     b.add_argument("--no-pad", action="store_true", help="no PAD among the generated targets")
     b.add_argument("--ids", metavar="FILE.npy", help="your own token ids (B, T) or (T,)")
     b.add_argument("--targets", metavar="FILE.npy", help="their targets (default: ids shifted left, PAD last)")
     w = p.add_argument_group("what to run")
-    w.add_argument("--steps", type=int, help="also walk N optimizer steps (default 0; a fault's own with --inject)")
+    w.add_argument("--steps", type=int_at_least(0), help="also walk N optimizer steps (default 0; a fault's own with --inject)")
     w.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adamw")
     w.add_argument("--inject", metavar="NAME", help="inject a fault of the bug zoo into the manual side")
     w.add_argument("--list-faults", action="store_true")
     w.add_argument("--zoo", nargs="*", metavar="NAME", help="run every fault (or the ones named)")
-    w.add_argument("--workers", type=int, default=2, help="processes for --zoo (default 2)")
+    w.add_argument("--workers", type=int_at_least(1), default=2, help="processes for --zoo (default 2)")
     w.add_argument("--against", metavar="FILE", help="compare a dump (.safetensors/.npz) against the reference")
     w.add_argument("--export-case", metavar="DIR", help="write checkpoint + batch + format README, then exit")
     w.add_argument("--no-blame", action="store_true", help="skip the finite-difference / recomputation check")
@@ -1160,9 +1155,9 @@ def setup_from_args(args, p) -> Setup:
     ckpt = args.checkpoint
     if args.case:
         d = Path(args.case)
-        if not (d / "checkpoint.safetensors").is_file():
+        if not (d / CHECKPOINT_NAME).is_file():
             p.error(f"--case {d}: no checkpoint.safetensors there (write one with --export-case)")
-        ckpt = ckpt or str(d / "checkpoint.safetensors")
+        ckpt = ckpt or str(d / CHECKPOINT_NAME)
         args.ids = args.ids or str(d / "ids.npy")
         args.targets = args.targets or str(d / "targets.npy")
     if ckpt:
@@ -1199,8 +1194,6 @@ def setup_from_args(args, p) -> Setup:
         if not (targets != cfg.pad_id).any():
             p.error(f"every target is PAD (pad_id={cfg.pad_id})")
         return Setup(cfg, params, ids, targets, label, own_batch=True)
-    if args.batch < 1 or args.seq_len < 1:
-        p.error(f"--batch and --seq-len must be >= 1 (got {args.batch}, {args.seq_len})")
     return make_setup(cfg, batch=args.batch, seq_len=args.seq_len, batch_seed=args.batch_seed,
                       pad=not args.no_pad, params=params, label=label)
 
@@ -1214,7 +1207,7 @@ def main(argv=None) -> int:
         return 0
     if args.zoo is not None:
         try:
-            z = run_zoo(args.zoo or None, max(1, args.workers))
+            z = run_zoo(args.zoo or None, args.workers)
         except KeyError as exc:
             p.error(str(exc.args[0]))
         print_zoo(z)
@@ -1237,8 +1230,6 @@ def main(argv=None) -> int:
         if args.steps is None:
             args.steps = fault.opt_steps
     steps = args.steps or 0
-    if steps < 0:
-        p.error(f"--steps must be >= 0, got {steps}")
     if steps and args.against:
         p.error("--steps runs the manual optimizer; a dump (--against) holds one forward/backward only")
     try:

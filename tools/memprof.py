@@ -50,8 +50,6 @@ from manual.config import PRESETS, ModelConfig  # noqa: E402
 
 PHASES, CATEGORIES = cmem.PHASES, cmem.CATEGORIES
 IMPLS = ("manual", "reference")
-SGD_MOMENTUM = 0.9          # SGD runs with momentum, so it has state (closed_forms counts one buffer)
-LR = 1e-3
 
 
 # -- formatting ---------------------------------------------------------------------------------
@@ -73,18 +71,6 @@ def _diff(measured, predicted):
 
 # -- one implementation through the phases of a training step -----------------------------------
 
-def _optimizer(impl: str, model, kind: str):
-    if impl == "manual":
-        import manual.optim as mopt
-        from manual.registry import decay_groups
-        groups = decay_groups(model.cfg, 0.0)
-        if kind == "adamw":
-            return mopt.AdamW(model.params, model.grads, lr=LR, groups=groups)
-        return mopt.SGD(model.params, model.grads, lr=LR, momentum=SGD_MOMENTUM, groups=groups)
-    from reference import optim as ropt
-    return ropt.make_optimizer(model, kind=kind, lr=LR, **({"momentum": SGD_MOMENTUM} if kind == "sgd" else {}))
-
-
 def _warm_up(impl: str, cfg, optimizer: str) -> None:
     """One training step of a 1-layer model before measuring: torch imports modules lazily at its
     first model build, dispatch mode, backward and optimizer step (tens of MB of Python objects
@@ -96,7 +82,7 @@ def _warm_up(impl: str, cfg, optimizer: str) -> None:
     ids, targets = make_batch(small, 2, 4, seed=0)
     with cmem.TorchTensorTracker():
         model = (manual.Model if impl == "manual" else reference.Model)(small, seed=0)
-        opt = _optimizer(impl, model, optimizer)
+        opt = cmem.memory_optimizer(impl, model, optimizer)
         if impl == "reference":
             cmem.saved_tensors(model, lambda: (model.forward(ids, targets), model._loss)[1])
         else:
@@ -139,7 +125,7 @@ def phases_manual(cfg, ids, targets, optimizer: str) -> dict:
     tracemalloc.start()
     try:
         model = manual.Model(cfg, seed=0)
-        opt = _optimizer("manual", model, optimizer)
+        opt = cmem.memory_optimizer("manual", model, optimizer)
         measure("init", model, opt)
         model.forward(ids, targets)
         measure("forward", model, opt)
@@ -173,7 +159,7 @@ def phases_reference(cfg, ids, targets, optimizer: str) -> dict:
     try:
         with cmem.TorchTensorTracker() as init_tracker:
             model = reference.Model(cfg, seed=0)
-            opt = _optimizer("reference", model, optimizer)
+            opt = cmem.memory_optimizer("reference", model, optimizer)
         live = cmem.reference_bytes(model, opt)
         live["activations"] = 0
         numpy_now, numpy_peak = tracemalloc.get_traced_memory()
@@ -323,7 +309,7 @@ def churn(cfg, ids, targets, optimizer: str, impls, steps_before: int = 2) -> di
     out = {}
     for impl in impls:
         model = (manual.Model if impl == "manual" else reference.Model)(cfg, seed=0)
-        opt = _optimizer(impl, model, optimizer)
+        opt = cmem.memory_optimizer(impl, model, optimizer)
 
         def step(model=model, opt=opt):
             opt.zero_grad()
@@ -398,7 +384,7 @@ def timeline_child(cfg, B: int, T: int, optimizer: str, impl: str, steps: int) -
     time.sleep(0.1)                                    # a few samples of the baseline
     marks = [("init", time.time())]
     model = (manual.Model if impl == "manual" else reference.Model)(cfg, seed=0)
-    opt = _optimizer(impl, model, optimizer)
+    opt = cmem.memory_optimizer(impl, model, optimizer)
     for _ in range(steps):
         marks.append(("forward", time.time()))
         opt.zero_grad()
@@ -496,7 +482,7 @@ def conformance_figures(cfg, ids, targets, optimizer: str, impls) -> dict:
            "activation_bytes_closed_form": mmem.activation_bytes(cfg, B, T)}
     if "manual" in impls:
         m = manual.Model(cfg, seed=0)
-        mo = _optimizer("manual", m, optimizer)
+        mo = cmem.memory_optimizer("manual", m, optimizer)
         m.forward(ids, targets)
         m.backward()
         mo.step()
@@ -508,7 +494,7 @@ def conformance_figures(cfg, ids, targets, optimizer: str, impls) -> dict:
                        "tolerance": cmem.PEAK_TOLERANCE}
     if "reference" in impls:
         r = reference.Model(cfg, seed=0)
-        ro = _optimizer("reference", r, optimizer)
+        ro = cmem.memory_optimizer("reference", r, optimizer)
         r.forward(ids, targets)
         r.backward()
         ro.step()
@@ -751,7 +737,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=None, help="default: the preset's max_seq_len")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"],
-                   help=f"sgd runs with momentum {SGD_MOMENTUM} (one state buffer per parameter)")
+                   help=f"sgd runs with momentum {cmem.SGD_MOMENTUM} (one state buffer per parameter)")
     p.add_argument("--attention", default=None, choices=["standard", "flash"], help="default: the preset's")
     p.add_argument("--json", metavar="PATH", help="write every table to this JSON file")
     p.add_argument("--plot", metavar="PNG", help="write the timeline + category chart (or the sweep chart) here")
@@ -800,16 +786,16 @@ def main(argv=None) -> int:
         result = {"preset": args.preset, "batch_size": B, "seq_len": T, "dtype": args.dtype,
                   "optimizer": args.optimizer, "config": cfg.to_dict(), "dry_run": d}
     else:
-        need = estimated_run_bytes(cfg, B, T, args.optimizer)
+        b, t = B, T                              # the largest run this command would make
         if args.sweep:
             xs = args.sweep_values or [T if args.sweep == "seq_len" else 2 * B]
-            biggest = (B, max(xs)) if args.sweep == "seq_len" else (max(xs), T)
-            need = estimated_run_bytes(cfg, *biggest, args.optimizer)
+            b, t = (B, max(xs)) if args.sweep == "seq_len" else (max(xs), T)
+        need = estimated_run_bytes(cfg, b, t, args.optimizer)
         if need > args.max_gb * 2**30:
             small_T = min(64, cfg.max_seq_len)
             small = human(estimated_run_bytes(cfg, 1, small_T, args.optimizer))
-            p.error(f"a real run of {args.preset} at B={B}, T={T} needs an estimated {human(need)} "
-                    f"(closed-form peak {human(dry_run(cfg, B, T, args.optimizer)['peak'])}, x2 for the reference's "
+            p.error(f"a real run of {args.preset} at B={b}, T={t} needs an estimated {human(need)} "
+                    f"(closed-form peak {human(dry_run(cfg, b, t, args.optimizer)['peak'])}, x2 for the reference's "
                     f"extra copies), over --max-gb {args.max_gb:g}. Use --dry-run to size it without allocating, "
                     f"pick a smaller --batch-size / --seq-len (--batch-size 1 --seq-len {small_T} needs about {small}), "
                     f"or raise --max-gb.")

@@ -22,9 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools._args import int_at_least  # noqa: E402
+from tools._args import CHECKPOINT_NAME, checkpoint_in, int_at_least  # noqa: E402
 
-CHECKPOINT_NAME = "checkpoint.safetensors"
 
 
 def _temperature(text: str) -> float:
@@ -63,9 +62,7 @@ def main(argv=None) -> int:
     from manual.checkpoint import CheckpointError, load_model
     from manual.tokenizer import UNK, tokenizer_from_json
 
-    path = Path(args.checkpoint)
-    if path.is_dir():
-        path = path / CHECKPOINT_NAME
+    path = checkpoint_in(args.checkpoint)
     try:
         cfg, params, _extras, meta = load_model(path)
     except CheckpointError as exc:

@@ -33,7 +33,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import signal
 import sys
 import time
@@ -41,9 +40,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools._args import int_at_least  # noqa: E402
+from tools._args import CHECKPOINT_NAME, checkpoint_in, int_at_least, set_blas_threads  # noqa: E402
 
-CHECKPOINT_NAME = "checkpoint.safetensors"
 # arguments that belong to one session and are never taken from the checkpoint on --resume
 SESSION_ONLY = {"resume", "stop_at", "json", "plot", "quiet", "threads", "time_limit"}
 MODEL_FLAGS = ("d_model", "n_heads", "d_ff", "n_layers", "max_seq_len", "norm", "activation", "bias",
@@ -143,9 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_checkpoint(path: str) -> Path:
     """A checkpoint file, or a folder holding CHECKPOINT_NAME."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / CHECKPOINT_NAME
+    p = checkpoint_in(path)
     if not p.is_file():
         raise FileNotFoundError(f"no checkpoint at {path!r} (expected a .safetensors file or a folder "
                                 f"holding {CHECKPOINT_NAME})")
@@ -160,8 +156,7 @@ def main(argv=None) -> int:
     pre.add_argument("--threads", type=int_at_least(1))
     threads = pre.parse_known_args(argv)[0].threads
     if threads:
-        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-            os.environ[var] = str(threads)
+        set_blas_threads(threads)
     parser = build_parser()
     args = parser.parse_args(argv)
     resume = None
