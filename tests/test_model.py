@@ -165,10 +165,11 @@ def test_float32_model_agrees_with_float64_model():
     for m in (m32, m64):
         m.forward(ids, targets)
         m.backward()
-    assert m32.loss == pytest.approx(m64.loss, rel=1e-5)
+    # float32 rounding through the model: measured 1.2e-8 (loss) and 5.4e-7 of scale (worst gradient)
+    assert m32.loss == pytest.approx(m64.loss, rel=1e-6)
     for name in m64.grads:
         scale = np.abs(m64.grads[name]).max()
-        assert np.abs(m32.grads[name] - m64.grads[name]).max() <= 1e-4 * scale + 1e-7, name
+        assert np.abs(m32.grads[name] - m64.grads[name]).max() <= 1e-5 * scale, name
 
 
 # -- the params dict is live ----------------------------------------------------------------------------------

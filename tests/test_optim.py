@@ -202,7 +202,7 @@ CASES = [
 
 
 def torch_and_manual(kind, kw, dtype, seed, groups=None):
-    torch = pytest.importorskip("torch")
+    import torch
     rng = np.random.default_rng(seed)
     params = {k: rng.standard_normal(s).astype(dtype) for k, s in SHAPES.items()}
     grads = {k: np.zeros_like(v) for k, v in params.items()}
@@ -247,7 +247,7 @@ def test_against_torch_float64(kind, kw):
 def test_against_torch_float32(kind, kw, monkeypatch):
     """SGD: bit for bit over 12 steps. AdamW: bit for bit with torch's sqrt substituted (every other
     operation identical); with NumPy's correctly rounded sqrt, see the next test."""
-    torch = pytest.importorskip("torch")
+    import torch
     if kind == "adamw":
         monkeypatch.setattr(optim, "_sqrt", lambda x: torch.from_numpy(np.ascontiguousarray(x)).sqrt().numpy())
     params, ours, tparams, theirs, new_grads = torch_and_manual(kind, kw, np.float32, seed=2)
@@ -307,7 +307,7 @@ def test_groups_against_torch():
 @pytest.mark.parametrize("norm_type", [2.0, 1.0, float("inf"), 3.0])
 @pytest.mark.parametrize("max_norm", [0.5, 1e6])
 def test_clip_grad_norm_against_torch(dtype, norm_type, max_norm):
-    torch = pytest.importorskip("torch")
+    import torch
     rng = np.random.default_rng(5)
     grads = [(rng.standard_normal(s) * 3).astype(dtype) for s in [(37,), (64, 33), (5, 3), (1000,)]]
     tparams = []
@@ -326,7 +326,7 @@ def test_clip_grad_norm_against_torch(dtype, norm_type, max_norm):
 
 
 def test_clip_grad_value_against_torch():
-    torch = pytest.importorskip("torch")
+    import torch
     rng = np.random.default_rng(6)
     g = rng.standard_normal((7, 9)).astype(np.float32)
     t = torch.nn.Parameter(torch.zeros(7, 9))

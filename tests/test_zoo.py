@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")
+import torch  # noqa: E402,F401  (the suite needs torch: a broken install fails, never skips)
 
 import manual  # noqa: E402
 import manual.layers  # noqa: E402
@@ -51,7 +51,7 @@ def test_fault_is_caught_and_localized(name):
 
 
 def test_zoo_is_big_and_well_formed():
-    assert len(faults.FAULTS) >= 15
+    assert len(faults.FAULTS) == 21          # the README says "all 21 faults"; issue 5 asks for >= 15
     stages = {f.stage for f in faults.FAULTS}
     assert stages == {"forward", "backward", "optimizer"}
     for f in faults.FAULTS:
@@ -69,6 +69,7 @@ def test_fault_cases_are_clean_without_a_fault(config):
     case = fault.case()
     case.opt_steps = max(steps, 1)
     results = run_case(case, faults.FWD_CHECKS + faults.OPT_CHECKS)
+    assert results, "no comparisons were made"
     assert all(c.passed for c in results), [c.line() for c in results if not c.passed][:5]
     setup = layerdiff.make_setup(fault.model_config(), batch=fault.batch, seq_len=fault.seq_len)
     rep = layerdiff.debug(setup, steps=steps)
