@@ -1,5 +1,10 @@
 """python -m conformance: the conformance report (the project's main job).
 
+Prints a progress bar while it runs (on a terminal; plain progress lines every PROGRESS_EVERY
+seconds otherwise, on stderr), then one line per configuration and every failure in full.
+--verbose: the full table (one line per configuration and check); -vv: one line per tensor;
+--json PATH: every comparison.
+
 Exit status 0 only if every comparison agrees; 1 on any failure; 2 on bad arguments.
 """
 from __future__ import annotations
@@ -14,7 +19,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from concurrent.futures import ProcessPoolExecutor  # noqa: E402
+from concurrent.futures import ProcessPoolExecutor, as_completed  # noqa: E402
 
 from manual.config import PRESETS
 
@@ -33,6 +38,38 @@ def _one_thread() -> None:
         pass
 
 
+PROGRESS_EVERY = 10.0      # seconds between plain progress lines when stderr is not a terminal
+
+
+class Progress:
+    """Configurations done so far: a tqdm bar on a terminal, else a line every PROGRESS_EVERY seconds."""
+
+    def __init__(self, total: int, out=None):
+        self.total, self.done, self.failed = total, 0, 0
+        self.out = out or sys.stderr
+        self.t0 = self.last = time.perf_counter()
+        self.bar = None
+        if self.out.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, unit="config", desc="conformance", file=self.out, leave=False)
+
+    def update(self, name: str, results) -> None:
+        self.done += 1
+        self.failed += any(not c.passed for c in results)
+        now = time.perf_counter()
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{name}, {self.failed} failing", refresh=False)
+            self.bar.update(1)
+        elif now - self.last >= PROGRESS_EVERY or self.done == self.total:
+            self.last = now
+            print(f"conformance: {self.done}/{self.total} configurations done, {self.failed} failing "
+                  f"({now - self.t0:.0f} s)", file=self.out, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m conformance", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,7 +80,8 @@ def main(argv=None) -> int:
     p.add_argument("--variant", action="append", help=f"only these variants (repeatable): {', '.join(VARIANTS)}")
     p.add_argument("--check", action="append", choices=CHECKS, help="only these checks (repeatable)")
     p.add_argument("--json", metavar="PATH", help="write every comparison as JSON")
-    p.add_argument("--verbose", "-v", action="store_true", help="one line per tensor instead of per check")
+    p.add_argument("--verbose", "-v", action="count", default=0,
+                   help="the full table, one line per configuration and check (-vv: one line per tensor)")
     p.add_argument("--jobs", "-j", type=int, default=os.cpu_count() or 1,
                    help="configurations checked in parallel, one process each (default: CPU count)")
     args = p.parse_args(argv)
@@ -61,14 +99,23 @@ def main(argv=None) -> int:
     for case in todo:
         if args.preset != "tiny":   # bigger presets: fewer optimizer steps and tokens keep it interactive
             case.opt_steps, case.gen_tokens = 3, 5
-    results = []
-    if args.jobs == 1 or len(todo) == 1:
-        for case in todo:
-            results += run_case(case, checks)
-    else:
-        with ProcessPoolExecutor(max_workers=args.jobs, initializer=_one_thread) as pool:
-            for part in pool.map(run_case, todo, [checks] * len(todo)):
-                results += part
+    parts: list = [None] * len(todo)          # results in matrix order, whatever order they finish in
+    progress = Progress(len(todo))
+    try:
+        if args.jobs == 1 or len(todo) == 1:
+            for i, case in enumerate(todo):
+                parts[i] = run_case(case, checks)
+                progress.update(case.name(), parts[i])
+        else:
+            with ProcessPoolExecutor(max_workers=args.jobs, initializer=_one_thread) as pool:
+                futures = {pool.submit(run_case, case, checks): i for i, case in enumerate(todo)}
+                for fut in as_completed(futures):
+                    i = futures[fut]
+                    parts[i] = fut.result()
+                    progress.update(todo[i].name(), parts[i])
+    finally:
+        progress.close()
+    results = [c for part in parts for c in part]
     passed = summarize(results, verbose=args.verbose)
     print(f"({len(todo)} cases, {time.perf_counter() - t0:.1f} s)")
     if args.json:
