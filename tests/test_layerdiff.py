@@ -20,6 +20,7 @@ from conformance.engine import Sides
 from manual import registry
 from manual.config import ModelConfig
 from tools import layerdiff
+from tools.layerdiff.walk import optimizer_walk
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = ModelConfig.preset("tiny", dtype="float64")
@@ -302,3 +303,74 @@ def test_cli_bad_arguments_exit_2(args, message):
     p = cli(*args)
     assert p.returncode == 2, p.stdout + p.stderr
     assert message in p.stderr
+
+
+# -- shared parts: the graph from the registry, the verdicts, the trajectory, the heatmap -----------
+
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_graph_follows_the_declared_block_topology(norm):
+    """Every input of every layer is written by an earlier layer, and each block's layers are the
+    registry's BLOCK_TOPOLOGY in its order."""
+    cfg = CFG.replace(norm=norm, n_future=2)
+    written = set()
+    for node in layerdiff.nodes(cfg):
+        assert all(t in written for t in node.inputs), (node.name, node.inputs)
+        written.update(node.outputs)
+    assert written == {s.name for s in registry.tap_specs(cfg)} | {"loss"}
+    block = [n.name.split(".", 2)[2] for n in layerdiff.nodes(cfg) if n.name.startswith("h.1.")]
+    assert block == [s.name for s in registry.BLOCK_TOPOLOGY[norm]]
+    with pytest.raises(ValueError, match="norm 'side'"):
+        registry.block_topology(type("Cfg", (), {"norm": "side"})())
+
+
+def test_oracle_is_a_whole_model():
+    """The oracle's layers chained along the graph give the reference's loss (a third model)."""
+    setup = layerdiff.make_setup(CFG.replace(n_future=2, loss="brier"))
+    cfg, x = setup.cfg, {}
+    for node in layerdiff.nodes(cfg):
+        x.update(layerdiff.oracle_outputs(node, cfg, x, layerdiff.roles(node, setup.params), setup.ids,
+                                          setup.targets))
+    ref = layerdiff.run_model(reference.Model, setup)
+    assert compare(x["loss"], ref["loss"], tensor="loss", check="oracle").passed
+    assert oracle.activation(np.array([-1.0, 2.0]), "relu").tolist() == [0.0, 2.0]
+
+
+def test_verdicts_are_built_from_the_sides():
+    from tools.layerdiff.blame import SideCheck, verdict
+    ok, bad, worse = SideCheck(True), SideCheck(False, badness=10.0), SideCheck(False, badness=1e4)
+    assert verdict({}, "x") == "unknown (no check applies)"
+    assert verdict({"manual": ok, "reference": ok}, "finite differences") == \
+        "neither (both agree with finite differences; the difference is precision)"
+    assert verdict({"manual": bad, "reference": ok}, "x") == "manual"
+    assert verdict({"manual": bad, "reference": worse}, "x") == "reference"     # 1000x worse
+    assert verdict({"manual": bad, "reference": SideCheck(False, badness=20.0)}, "x") == "both"
+
+
+def test_debugger_walks_the_engines_trajectory():
+    """The debugger's optimizer walk is conformance/trajectory.py: same rows, same order, same values."""
+    from conformance import trajectory
+    setup = layerdiff.make_setup(CFG)
+    sides = Sides.default()
+    rows, failing = optimizer_walk(setup, sides, 2, "sgd")
+    assert failing is None
+    m, r = sides.manual.from_params(CFG, setup.params), sides.reference.from_params(CFG, setup.params)
+    again = [c for step in trajectory.run(sides.manual_optim, m, r, "sgd", setup.trajectory(2), setup.label)
+             for c in step.rows]
+    assert [(c.tensor, c.step, c.max_abs) for c in rows] == [(c.tensor, c.step, c.max_abs) for c in again]
+    names = [c.tensor for c in rows if c.step == 1]
+    assert names[0] == "sgd.loss" and names[-1].startswith("sgd.optim.momentum_buffer.")
+
+
+def test_heatmap_shows_an_optimizer_failure(tmp_path):
+    """A step-2 failure is red in the optimizer panel, and the first divergent cell is the boxed one."""
+    from tools import faults
+    from tools.layerdiff import report
+    with faults.inject("grads_not_zeroed") as sides:
+        rep = layerdiff.debug(layerdiff.make_setup(CFG), sides, steps=2)
+    rnames, cnames, grid = report._grid(rep.opt_rows, report._opt_cell)
+    assert rnames == ["step 1", "step 2"]
+    assert (grid[0] <= 0).all() and grid[1, cnames.index("grad")] > 0
+    assert report._opt_cell(rep.first) == ("step 2", "grad")
+    png = tmp_path / "opt.png"
+    layerdiff.plot(rep, png)
+    assert png.stat().st_size > 10_000

@@ -164,29 +164,33 @@ def plot(rep: Report, path) -> None:
     from matplotlib.colors import BoundaryNorm, ListedColormap
     from matplotlib.patches import Rectangle
 
-    cmap = ListedColormap(COLORS)
-    cmap.set_bad("#d9d9d9")
+    cmap = ListedColormap(COLORS).with_extremes(bad="#d9d9d9")
     norm = BoundaryNorm(BOUNDS, cmap.N)
     panels = [("forward: activations", "tensor written by the layer",
                [c for c in rep.rows if not c.tensor.startswith("grad.")], lambda c: _cell(c.tensor)),
               ("backward: gradients", "gradient (of a tap or a parameter of the layer)",
                [c for c in rep.rows if c.tensor.startswith("grad.")], lambda c: _cell(c.tensor))]
     if rep.opt_rows:
-        panels.append(("optimizer trajectory (worst over parameters)", "quantity compared after the step",
+        panels.append(("optimizer steps (worst over parameters)", "quantity compared after the step",
                        rep.opt_rows, _opt_cell))
-    n_layer_rows = rep.setup.cfg.n_layers + 5
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 0.42 * n_layer_rows + 3.4),
-                             squeeze=False, gridspec_kw=dict(width_ratios=[3, 3, 2][:len(panels)]))
+    grids = [_grid(rows, cell) for _title, _xlabel, rows, cell in panels]
+    widths = [max(len(cnames), 4) for _r, cnames, _g in grids]        # one column width for every panel
+    n_rows = max(len(rnames) for rnames, _c, _g in grids)
+    fig, axes = plt.subplots(1, len(panels), figsize=(0.27 * sum(widths) + 1.2 * len(panels) + 1.5,
+                                                      0.42 * n_rows + 3.4),
+                             squeeze=False, gridspec_kw=dict(width_ratios=widths))
     first = rep.first
-    for ax, (title, xlabel, rows, cell) in zip(axes[0], panels):
-        rnames, cnames, grid = _grid(rows, cell)
+    for n, (ax, (title, xlabel, rows, cell), (rnames, cnames, grid)) in enumerate(zip(axes[0], panels, grids)):
         im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, norm=norm, aspect="auto")
         ax.set_xticks(range(len(cnames)))
         ax.set_xticklabels(cnames, rotation=60, ha="right", fontsize=8)
         ax.set_yticks(range(len(rnames)))
         ax.set_yticklabels(rnames, fontsize=9)
         ax.set_xlabel(xlabel, fontsize=9)
-        ax.set_ylabel("optimizer step" if cell is _opt_cell else "layer (forward order, top to bottom)", fontsize=9)
+        if cell is _opt_cell:
+            ax.set_ylabel("optimizer step", fontsize=9)
+        elif n == 0:
+            ax.set_ylabel("layer (forward order, top to bottom)", fontsize=9)
         ax.set_title(title, fontsize=10)
         for (i, j), v in np.ndenumerate(grid):
             if np.isfinite(v) and v > 0:
@@ -198,8 +202,8 @@ def plot(rep: Report, path) -> None:
             ax.annotate("first", (j, i - 0.5), xytext=(0, 4), textcoords="offset points", ha="center",
                         va="bottom", fontsize=8, color="#2166ac", fontweight="bold", annotation_clip=False)
     cbar = fig.colorbar(im, ax=axes[0].tolist(), fraction=0.025, pad=0.02, ticks=BOUNDS)
-    cbar.set_label("log10(max_abs / tolerance), clipped to [-6, 6]; > 0 differs (x), grey: not compared",
-                   fontsize=8)
+    cbar.set_label("log10(max_abs / tolerance)\n<= 0 agrees (green), > 0 differs (red, x); grey: not compared",
+                   fontsize=9)
     where = "none: every tensor agrees" if first is None else \
         first.tensor + (f" at step {first.step}" if first.step is not None else "")
     fig.suptitle(f"layerdiff: {'manual' if rep.other == 'manual' else 'dump'} vs reference | {rep.setup.label}\n"
