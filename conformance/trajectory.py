@@ -118,6 +118,10 @@ def run(manual_optim, m, r, kind: str, batches, label: str = "", snapshots: bool
             rows.append(compare(a, b, tensor=f"{kind}.{what}", check="optimizer", config=label, step=step,
                                 expect_dtype=dt, note=note))
 
+        def cmp_params(mine: dict, theirs: dict, what: str, note=""):   # every parameter, registry order
+            for n in names:
+                cmp(mine.get(n, missing()), theirs[n], f"{what}.{n}", note)
+
         mo.zero_grad()
         r.zero_grad()
         before = Before({n: v.copy() for n, v in r.params.items()}, ropt.optimizer_state(r, ro)) \
@@ -128,8 +132,7 @@ def run(manual_optim, m, r, kind: str, batches, label: str = "", snapshots: bool
         m.backward()
         r.backward()
         rg = r.grads
-        for n in names:
-            cmp(m.grads.get(n, missing()), rg[n], f"grad.{n}")
+        cmp_params(m.grads, rg, "grad")
         if before is not None:
             before.grads = before.clipped = rg
         if forced:
@@ -140,15 +143,12 @@ def run(manual_optim, m, r, kind: str, batches, label: str = "", snapshots: bool
             norm_reference = ropt.clip_grad_norm(r, clip)
             cmp(np.asarray(norm_manual, dt), np.asarray(norm_reference, dt), "grad_norm")
             rg = r.grads
-            for n in names:
-                cmp(m.grads.get(n, missing()), rg[n], f"clipped_grad.{n}", forced)
+            cmp_params(m.grads, rg, "clipped_grad", forced)
             if before is not None:
                 before.clipped = rg
         mo.step()
         ro.step()
-        rp = r.params
-        for n in names:
-            cmp(m.params.get(n, missing()), rp[n], f"param.{n}", forced)
+        cmp_params(m.params, r.params, "param", forced)
         mstate, _meta = mo.state_dict()
         rstate = ropt.optimizer_state(r, ro)
         for key in sorted(set(mstate) | set(rstate), key=state_order):

@@ -99,12 +99,17 @@ CLEAN_VARIANTS = [{}, dict(norm="post", activation="relu", bias=False, tie_embed
 CLEAN_IDS = ["base", "post_relu_nobias_untied", "mtp_brier", "flash"]
 
 
-@pytest.mark.parametrize("over", CLEAN_VARIANTS, ids=CLEAN_IDS)
-def test_oracle_reproduces_the_reference(over):
-    """The float64 oracle (the judge of forward divergences) agrees with the reference, layer by layer."""
-    cfg = CFG.replace(**over)
+@pytest.fixture(params=CLEAN_VARIANTS, ids=CLEAN_IDS)
+def clean(request):
+    """(cfg, setup, the reference's tensors) of a correct model, one per clean variant."""
+    cfg = CFG.replace(**request.param)
     setup = layerdiff.make_setup(cfg)
-    ref = layerdiff.run_model(reference.Model, setup)
+    return cfg, setup, layerdiff.run_model(reference.Model, setup)
+
+
+def test_oracle_reproduces_the_reference(clean):
+    """The float64 oracle (the judge of forward divergences) agrees with the reference, layer by layer."""
+    cfg, setup, ref = clean
     for node in layerdiff.nodes(cfg):
         x = {t: ref[t] for t in node.inputs}
         got = layerdiff.oracle_outputs(node, cfg, x, layerdiff.roles(node, setup.params), setup.ids, setup.targets)
@@ -114,12 +119,9 @@ def test_oracle_reproduces_the_reference(over):
             assert c.passed, c.line()
 
 
-@pytest.mark.parametrize("over", CLEAN_VARIANTS, ids=CLEAN_IDS)
-def test_finite_differences_pass_for_every_clean_layer(over):
+def test_finite_differences_pass_for_every_clean_layer(clean):
     """The blame check itself: on a correct model, both sides of every layer agree with finite differences."""
-    cfg = CFG.replace(**over)
-    setup = layerdiff.make_setup(cfg)
-    ref = layerdiff.run_model(reference.Model, setup)
+    cfg, setup, ref = clean
     for node in layerdiff.nodes(cfg):
         if node.kind == "add":
             continue

@@ -1,14 +1,7 @@
 """The walk: one config, one set of weights, one batch (a `Setup`); the tensors of one forward +
-backward on each side; and their comparison in walk order:
-
-    1. the taps (named activations) in forward order, then the loss;
-    2. the tap gradients, grad.<tap>, in backward order (the taps read bottom-up);
-    3. the parameter gradients, grad.<param>, in reverse registry order (the order backward
-       produces them);
-    4. (optimizer_walk) the optimizer trajectory of conformance/trajectory.py, step by step,
-       stopping after the first step that disagrees.
-
-Every comparison is conformance.compare.compare: the suite's function and tolerances.
+backward on each side; their comparison in walk order (taps forward, loss, tap gradients
+backward, parameter gradients in reverse registry order: see the package docstring); and the
+optimizer walk over conformance/trajectory.py. Every comparison is conformance.compare.compare.
 """
 from __future__ import annotations
 
