@@ -173,7 +173,8 @@ class SubLayer:
 
 
 # The block topology, stated once. tap_specs (and so the tap order), the debugger's layer graph
-# (tools/layerdiff/graph.py) and the block's forward read it from here.
+# (tools/layerdiff/graph.py) and the block's forward read it from here. The two entries look
+# alike on purpose: they are the two orders of the same four sub-layers and two residual adds.
 BLOCK_TOPOLOGY: dict[str, tuple[SubLayer, ...]] = {
     "pre": (        # GPT-2: out = r1 + mlp(LN2(r1)), r1 = x + attn(LN1(x))
         SubLayer("ln_1", "layernorm", ("x",), "ln_1.out"),
