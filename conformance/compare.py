@@ -6,7 +6,7 @@ error (|a - b| / max(|b|, tiny)), the worst index and both values there, the tol
 applied at that index, and the verdict. `a` is the implementation under test (manual,
 or a user's dump), `b` the reference.
 
-Tolerances come from the dtype (DESIGN.md):
+Tolerances come from the dtype (docs/conformance.md, "Tolerances"):
 
     float64: every element within 1e-9 of the tensor's scale, |a - b| <= 1e-9 * max(|b|)
              (atol = 1e-9 * scale, rtol = 0). Relative to the scale, not per element:

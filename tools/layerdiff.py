@@ -33,7 +33,7 @@ a tap inside attention / the MLP; for a parameter, the layer that owns it).
 
 Then, for that layer alone, who is wrong:
   * forward divergence: each side's output is compared with a float64 recomputation from
-    the layer's inputs, written here in NumPy straight from DESIGN.md's formulas (an oracle
+    the layer's inputs, written here in NumPy straight from docs/design.md's formulas (an oracle
     that shares no code with either side);
   * backward divergence: a float64 finite-difference check of both sides' backward:
     manual: manual/layers' forward/backward functions on the captured input; reference:
@@ -273,7 +273,7 @@ def where(cfg: ModelConfig, tensor: str) -> str:
 
 
 # ================================================================================================
-# the float64 oracle: each layer straight from DESIGN.md's formulas, NumPy, shares no code
+# the float64 oracle: each layer straight from docs/design.md's formulas, NumPy, shares no code
 
 def _erf(x):
     return np.vectorize(math.erf, otypes=[np.float64])(x)
@@ -512,7 +512,7 @@ def blame_forward(node: Node, cfg: ModelConfig, params: dict, ref_taps: dict, si
         errors[side] = {tensor: c.max_abs, "tol": c.tol}
         agrees[side] = c.passed
         errors[side]["badness"] = c.badness
-    return {"layer": node.name, "kind": "float64 recomputation from the layer's inputs (NumPy, DESIGN.md formulas)",
+    return {"layer": node.name, "kind": "float64 recomputation from the layer's inputs (NumPy, docs/design.md formulas)",
             "errors": errors, "agrees": agrees}
 
 
@@ -970,7 +970,7 @@ safetensors (or .npz) file holding, under these keys, in dtype {dtype}:
 Leave out what your implementation does not have (it is reported as absent, not as a failure);
 an unknown key is an error (it is almost always a misspelt name). Then:
     python tools/layerdiff.py --case {dir} --against your_dump.safetensors
-The tap list and formulas: manual/registry.py (tap_specs) and DESIGN.md.
+The tap list and formulas: manual/registry.py (tap_specs) and docs/design.md.
 """
 
 

@@ -1,8 +1,8 @@
 """Memory profiler: where every byte of a training step goes, in both implementations.
 
-    python tools/memprof.py --preset tiny --impl both --json mem.json --plot docs/img/memprof_tiny.png
+    python tools/memprof.py --preset tiny --impl both --json out/mem.json --plot out/memprof_tiny.png
     python tools/memprof.py --preset medium --batch-size 8 --seq-len 128 --optimizer sgd
-    python tools/memprof.py --preset tiny --sweep seq_len --plot sweep.png   # activation bytes against T
+    python tools/memprof.py --preset tiny --sweep seq_len --plot out/sweep.png   # activation bytes against T
     python tools/memprof.py --preset gpt2-small --dry-run                    # sizes it, allocates nothing
 
 What it prints (and writes to --json):
@@ -20,7 +20,9 @@ What it prints (and writes to --json):
    NumPy memory handler, NEP 49), their bytes and the top allocation sites (file: function); for the
    reference the torch storages created in the step.
 4. The conformance figures (the same functions the conformance memory checks call), and an RSS
-   timeline (memory-profiler) of both implementations on one chart, phases marked (--plot).
+   timeline (memory-profiler) of each implementation over its training steps, phases shaded (--plot).
+
+What every figure means: docs/memory.md.
 
 `--sweep seq_len|batch` measures activation bytes over a range of T or B for manual, reference
 and both with attention='flash', fits bytes = a + b x + c x^2 and says whether the growth is
