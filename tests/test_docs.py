@@ -174,6 +174,23 @@ def test_table_of_contents_matches_headings(page):
     assert not toc_problems(text, page)
 
 
+def test_reading_order_names_functions_that_exist():
+    """The README's reading order links files and names functions (never line numbers): every
+    name in backticks there is defined (def / class, or Class.method) in one of the linked files."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Reading order for learners", 1)[1].split("\n## ", 1)[0]
+    files = [ROOT / m.group(2) for m in LINK.finditer(section) if m.group(2).endswith(".py")]
+    assert len(files) >= 6, files
+    source = "\n".join(f.read_text(encoding="utf-8") for f in files)
+    defined = set(re.findall(r"^\s*(?:def|class)\s+(\w+)", source, flags=re.M))
+    from tools import faults
+    defined |= {f.name for f in faults.FAULTS}                 # the bug zoo's faults, named in the text
+    names = [n for n in re.findall(r"`([A-Za-z_]\w*(?:\.\w+)?)`", section)
+             if ("_" in n or n[0].isupper() or "." in n) and not n.startswith("torch.")]
+    unknown = [n for n in names if not all(part in defined for part in n.split("."))]
+    assert names and not unknown, f"the reading order names {unknown}, defined in none of {[f.name for f in files]}"
+
+
 def test_no_design_md_pointer():
     """The team's DESIGN.md is not in the repository: nothing may send a user there."""
     bad = [str(p.relative_to(ROOT)) for p in pages() + code_files() if "DESIGN.md" in p.read_text(encoding="utf-8")]
