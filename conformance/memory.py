@@ -1,6 +1,6 @@
 """Memory accounting: one source of truth for the conformance memory checks and tools/memprof.py.
 
-Bytes are split into categories (DESIGN.md):
+Bytes are split into categories (docs/memory.md):
     parameters        P * itemsize, P = registry.param_count(cfg) (tied matrix once)
     gradients         P * itemsize (one gradient buffer per parameter)
     optimizer_state   AdamW: 2 * P * itemsize (exp_avg, exp_avg_sq); SGD with momentum:

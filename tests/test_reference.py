@@ -513,7 +513,7 @@ def test_manual_runs_with_torch_blocked():
 @pytest.mark.parametrize("kw", [dict(), dict(norm="post", activation="relu", bias=False, tie_embeddings=False,
                                              n_future=3, loss="brier", temperature=0.7)], ids=vid)
 def test_manual_agrees_with_reference_float64_tiny(kw):
-    """Loss, logits, every tap, tap grad and parameter grad within DESIGN.md's float64 tolerance:
+    """Loss, logits, every tap, tap grad and parameter grad within the float64 tolerance of docs/conformance.md:
     max |a - b| <= 1e-9 * max |b| per tensor. (Measured when written: about 2e-15.)"""
     import manual
     cfg = ModelConfig.preset("tiny", dtype="float64", **kw)

@@ -29,7 +29,7 @@ debugger must name first, in its walk order: taps forward, then "loss", then `gr
 backward, then `grad.<param>` in reverse registry order, then the optimizer trajectory in
 step order as `adamw.<what>.<name>`), which conformance checks expose it, and the case it
 needs (config overrides on the tiny preset, always float64 so the tolerance is 1e-9).
-`python tools/layerdiff.py --zoo` runs them all; `--list-faults` lists them.
+`python -m tools.layerdiff --zoo` runs them all; `--list-faults` lists them.
 """
 from __future__ import annotations
 
@@ -447,7 +447,7 @@ FAULTS: list[Fault] = [
           _ln(dx_mean_term=False)),
     Fault("ln_unbiased_variance",
           "layer norm: var = sum((x - mean)^2) / (C - 1), the unbiased (torch.var default) variance",
-          "nanoGPT / llm.c threads: torch.var vs nn.LayerNorm; DESIGN.md 'unbiased variance'",
+          "nanoGPT / llm.c threads: torch.var vs nn.LayerNorm; docs/design.md 'Formulas': biased variance",
           "h.0.ln_1.out", "forward", FWD_CHECKS, _ln(ddof=1), config=dict(norm="post")),
     Fault("ln_eps_1e-6",
           "layer norm: eps hard-coded to 1e-6 while the config says ln_eps = 1e-5",
