@@ -85,9 +85,13 @@ class Fault:
 # ------------------------------------------------------------------------------------------------
 # patching machinery
 
-def _manual_modules():
+def manual_modules():
+    """Every loaded module of the `manual` package (where `replaced` looks for the originals)."""
     return [m for n, m in sorted(sys.modules.items())
             if (n == "manual" or n.startswith("manual.")) and isinstance(m, types.ModuleType)]
+
+
+_manual_modules = manual_modules   # the old name, still called by tests/test_zoo.py: remove once it calls manual_modules
 
 
 @contextmanager
@@ -101,7 +105,7 @@ def replaced(replacements: dict):
     by_id = {id(k): v for k, v in replacements.items()}
     undo = []
     try:
-        for mod in _manual_modules():
+        for mod in manual_modules():
             for attr, value in list(vars(mod).items()):
                 if id(value) in by_id:
                     undo.append((vars(mod), attr, value))
