@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from manual.layers import (ACTIVATIONS, attention_backward, attention_forward, block_backward, block_forward,
+from manual.layers import (ACTIVATIONS, AttentionCache, attention_backward, attention_forward, block_backward, block_forward,
                            embedding_backward, embedding_forward, erf, layernorm_backward, layernorm_forward,
                            linear_backward, linear_forward, loss_backward, loss_forward, mlp_backward,
                            mlp_forward, unembed_backward, unembed_forward)
@@ -280,6 +280,23 @@ def attention_reference(a, Wa, ba, Wp, bp, H):
         p /= p.sum(-1, keepdims=True)
         out[:, :, h * D:(h + 1) * D] = p @ v
     return out @ Wp + (bp if bp is not None else 0)
+
+
+@pytest.mark.parametrize("flash", [False, True])
+def test_attention_cache_names_its_softmax_statistics(flash):
+    """Standard attention keeps probs (B, H, T, T), flash keeps lse (B, H, T); the other field is None."""
+    rng = np.random.default_rng(6)
+    a = rand(rng, B, T, C)
+    taps, cache = attention_forward(a, rand(rng, C, 3 * C), None, rand(rng, C, C), None, H, flash=flash, block=2)
+    assert isinstance(cache, AttentionCache)
+    if flash:
+        assert cache.probs is None and cache.lse.shape == (B, H, T)
+        np.testing.assert_allclose(cache.lse, np.log(np.exp(taps["q"] @ taps["k"].transpose(0, 1, 3, 2) / math.sqrt(C // H)
+                                                            + np.triu(np.full((T, T), -np.inf), 1)).sum(-1)),
+                                   rtol=1e-13)
+    else:
+        assert cache.lse is None and cache.probs is taps["probs"] and cache.probs.shape == (B, H, T, T)
+    assert cache.ctx is taps["ctx"] and cache.c_attn.x is a and cache.qkv.shape == (B, T, 3 * C)
 
 
 @pytest.mark.parametrize("flash,block,bias", [(False, 64, True), (False, 64, False), (True, 2, True), (True, 3, False),

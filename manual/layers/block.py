@@ -50,6 +50,8 @@ def block_forward(x, p, cfg, flash_block=FLASH_BLOCK):
         taps.update({"mlp.fc": fc, "mlp.act": act, "mlp.out": out})
         return out, c
 
+    # The two orders are written out in full on purpose (a twin, not a repetition): each reads as its
+    # equations in the module docstring, and block_backward reverses each one line by line.
     if cfg.norm == "pre":
         a, c_ln1 = layernorm_forward(x, p["ln_1.weight"], p.get("ln_1.bias"), cfg.ln_eps)  # (B, T, C)
         taps["ln_1.out"] = a
