@@ -22,8 +22,8 @@ With s = bytes per float (4 for float32, 8 for float64) and int64 ids (8 bytes):
                    act (f.y, relu and gelu; c_proj.x)    s B T F      (dW2 = act^T dout; relu' = [act > 0])
     ln_f           xhat, rstd                            s (B T C + B T)
     lm_head        ln_f.out (x)                          s B T C      (dW_out = dlogits^T xf; the mtp heads share it)
-    mtp.j          mtp.j.out (unembed.x; j = 2..n_future)  s B T C    (dW_out = dlogits_j^T h_j)
-    loss.j         softmax p, targets (j = 1..n_future)  s B T V + 8 B T   (only when forward had targets)
+    mtp.j          mtp.j.out (unembed.x), j = 2..k       s B T C      (dW_out = dlogits_j^T h_j; k = n_future)
+    loss.j         softmax p, targets, j = 1..k          s B T V + 8 B T   (only when forward had targets)
 
 The transient peak of forward + backward is `peak_bytes` (above the parameters and gradient
 buffers) and `peak_bytes_closed_form` (everything): see their docstrings.
