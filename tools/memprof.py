@@ -86,7 +86,7 @@ def _warm_up(impl: str, cfg, optimizer: str) -> None:
         model = (manual.Model if impl == "manual" else reference.Model)(small, seed=0)
         opt = cmem.memory_optimizer(impl, model, optimizer)
         if impl == "reference":
-            cmem.saved_tensors(model, lambda: (model.forward(ids, targets), model._loss)[1])
+            cmem.saved_tensors(model, lambda: (model.forward(ids, targets), model.loss_tensor)[1])
         else:
             model.forward(ids, targets)
         model.backward()
@@ -168,7 +168,7 @@ def phases_reference(cfg, ids, targets, optimizer: str) -> dict:
         live["other"] = init_tracker.live_bytes() - live["parameters"] - live["gradients"] + numpy_now
         out["init"] = _row("init", live, sum(live.values()), init_tracker.peak + numpy_peak, predicted)
 
-        state = [p for p in model._params.values()] + [p.grad for p in model._params.values()]
+        state = [p for p in model.torch_params.values()] + [p.grad for p in model.torch_params.values()]
         saved: list[dict] = []
         tracker = cmem.TorchTensorTracker(exclude=state)
         start = {"total": out["init"]["total"], "torch": 0, "numpy": numpy_now}
@@ -190,7 +190,7 @@ def phases_reference(cfg, ids, targets, optimizer: str) -> dict:
 
         tracemalloc.reset_peak()
         with tracker:
-            saved += cmem.saved_tensors(model, lambda: (model.forward(ids, targets), model._loss)[1])
+            saved += cmem.saved_tensors(model, lambda: (model.forward(ids, targets), model.loss_tensor)[1])
             measure("forward")
             model.backward()
             measure("backward")
@@ -335,7 +335,7 @@ def churn(cfg, ids, targets, optimizer: str, impls, steps_before: int = 2) -> di
             out[impl] = {"allocations": counter.count, "bytes": counter.bytes, "peak_above_start": peak - base,
                          "top_sites": counter.top(10)}
         else:
-            existing = [p for p in model._params.values()] + [p.grad for p in model._params.values()] + \
+            existing = [p for p in model.torch_params.values()] + [p.grad for p in model.torch_params.values()] + \
                 [v for st in opt.state.values() for v in st.values() if hasattr(v, "untyped_storage")]
             with cmem.TorchTensorTracker(exclude=existing) as tracker:
                 step()
