@@ -42,6 +42,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="only a few variants")
     p.add_argument("--variant", action="append", help=f"only these variants (repeatable): {', '.join(VARIANTS)}")
     p.add_argument("--check", action="append", choices=CHECKS, help="only these checks (repeatable)")
+    p.add_argument("--third", choices=["hf"], help="also compare manual with a third implementation: "
+                   "hf = Hugging Face transformers' GPT2LMHeadModel (conformance/hf.py)")
     p.add_argument("--json", metavar="PATH", help="write every comparison as JSON")
     p.add_argument("--verbose", "-v", action="store_true", help="one line per tensor instead of per check")
     p.add_argument("--jobs", "-j", type=int, default=os.cpu_count() or 1,
@@ -69,6 +71,10 @@ def main(argv=None) -> int:
         with ProcessPoolExecutor(max_workers=args.jobs, initializer=_one_thread) as pool:
             for part in pool.map(run_case, todo, [checks] * len(todo)):
                 results += part
+    if args.third == "hf":
+        from .hf import run_hf
+        for i, dtype in enumerate(dtypes):
+            results += run_hf(dtype, preset=args.preset, count=i == 0)
     passed = summarize(results, verbose=args.verbose)
     print(f"({len(todo)} cases, {time.perf_counter() - t0:.1f} s)")
     if args.json:
