@@ -84,3 +84,47 @@ def test_conformance_command_has_the_third_implementation(capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert "transformers(3rd).tiny/64" in out and "transformers(3rd).gpt2-small" in out
+
+
+def tokenizer_files(folder):
+    """A tiny GPT-2-style byte-level BPE: the 256 byte symbols and one merge ("Ġ t" -> "Ġt")."""
+    import json
+
+    from tokenizers import pre_tokenizers
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["Ġt"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\nĠ t\n")
+    return len(vocab)
+
+
+def test_sample_from_hf_folder_uses_its_tokenizer(tmp_path, capsys):
+    pytest.importorskip("tokenizers")
+    import manual
+    from manual.sampling import generate
+    from tools import sample
+    from tools.convert import HFTokenizer
+
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    V = tokenizer_files(folder)
+    cfg = ModelConfig(vocab_size=V, max_seq_len=16, d_model=16, n_heads=2, d_ff=64, n_layers=2,
+                      activation="gelu_tanh", pad_id=V - 1)
+    model = manual.Model(cfg, seed=4)
+    formats.write_hf(folder, cfg, model.params)
+    tok = HFTokenizer(folder)
+    prompt = tok.encode("Hi the")
+    assert len(prompt) == 5 and prompt[2] == V - 1                  # H, i, Ġt (the merge), h, e
+    assert sample.main(["--from-hf", str(folder), "--prompt", "Hi the", "--temperature", "0",
+                        "--max-new-tokens", "6"]) == 0
+    want = tok.decode(np.concatenate([prompt, generate(model, prompt, 6, temperature=0)]))
+    assert capsys.readouterr().out == want + "\n"
+
+    (folder / "merges.txt").unlink()
+    with pytest.raises(SystemExit) as exc:
+        sample.main(["--from-hf", str(folder), "--prompt", "Hi"])
+    assert exc.value.code == 2
+    assert "tokenizer file(s) ['merges.txt'] missing" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sample.main(["--from-hf", str(folder), str(folder)])
+    assert "exactly one" in capsys.readouterr().err

@@ -60,6 +60,55 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class HFTokenizer:
+    """GPT-2's byte-level BPE from a Hugging Face folder's vocab.json + merges.txt, read with the
+    `tokenizers` library; the encode / decode / split / vocab_size of manual/tokenizer.py's tokenizers.
+    Byte-level BPE has no unknown token: every byte of every text has an id."""
+    kind = "GPT-2 byte-level BPE"
+
+    def __init__(self, folder):
+        folder = Path(folder)
+        files = [folder / "vocab.json", folder / "merges.txt"]
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise BadInput(f"{folder}: tokenizer file(s) {absent} missing; --from-hf needs the folder's vocab.json "
+                           f"and merges.txt (GPT-2's tokenizer files, as Hugging Face ships them)")
+        try:
+            from tokenizers import ByteLevelBPETokenizer
+        except ImportError:
+            raise BadInput("reading vocab.json + merges.txt needs the `tokenizers` library: pip install '.[hf]'") from None
+        try:
+            self._tok = ByteLevelBPETokenizer(str(files[0]), str(files[1]))
+        except Exception as exc:       # the library raises its own exception types
+            raise BadInput(f"{folder}: vocab.json / merges.txt are not a byte-level BPE tokenizer: {exc}") from None
+        self.vocab_size = self._tok.get_vocab_size()
+
+    def encode(self, text: str):
+        import numpy as np
+        return np.asarray(self._tok.encode(text).ids, dtype=np.int64)            # (N,)
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids])
+
+    def split(self, text: str) -> list:
+        return []                                                                 # no unknown tokens
+
+    def token_to_id(self, token: str):
+        return self._tok.token_to_id(token)
+
+
+def load_hf_folder(folder):
+    """(cfg, params, tokenizer) of a Hugging Face GPT-2 folder, for tools/sample.py --from-hf."""
+    from manual.formats import read_hf
+
+    cfg, params, _notes = read_hf(folder)
+    tok = HFTokenizer(folder)
+    if tok.vocab_size != cfg.vocab_size:
+        raise BadInput(f"{folder}: the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
+                       f"{cfg.vocab_size}")
+    return cfg, params, tok
+
+
 def refuse_pickle(path: str) -> None:
     """A pickle file is refused before it is opened (unpickling can run any code)."""
     if path.lower().endswith(PICKLE_SUFFIXES):
