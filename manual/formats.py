@@ -125,7 +125,8 @@ def place(name: str, fmt: str) -> Place | None:
 
 
 def describe(name: str) -> dict[str, str]:
-    """One line per format saying where `name` lives (what the module docstring shows by hand)."""
+    """One line per format saying where `name` lives (what the module docstring shows by hand).
+    `name` may be a table row itself ("transformer.h.{i}...."): stacked slices then read [i]."""
     pattern, i = pattern_of(name)
     out = {}
     for fmt in FORMATS:
@@ -133,7 +134,7 @@ def describe(name: str) -> dict[str, str]:
         if p is None:
             out[fmt] = "not held"
             continue
-        key = (p.key or name) + (f"[{i}]" if p.stacked else "")
+        key = (p.key or name) + (f"[{'i' if i is None else i}]" if p.stacked else "")
         notes = [s for s, on in (("transposed", p.transpose), ("stacked over layers", p.stacked),
                                  ("rows padded V -> Vp", p.pad_vocab)) if on]
         out[fmt] = key + (f" ({', '.join(notes)})" if notes else "")
@@ -407,18 +408,15 @@ def read_hf(path, dtype: str = "float32") -> tuple[ModelConfig, dict, list[str]]
 
 def write_hf(folder, cfg: ModelConfig, params: dict) -> None:
     """Write model.safetensors + config.json into `folder` (created if absent; each file atomic)."""
-    from safetensors.numpy import save
-
     folder = Path(folder)
     tensors = to_layout(params, cfg, "hf")
     conf = json.dumps(ours_to_hf_config(cfg), indent=2, sort_keys=True) + "\n"
-    payload = save(tensors, metadata={"format": "pt"})
     if folder.exists() and not folder.is_dir():
         raise FormatError(f"{folder}: exists and is not a directory (--to hf writes a folder)")
     if not folder.parent.is_dir():
         raise FormatError(f"cannot write {folder}: folder {folder.parent} does not exist")
     folder.mkdir(exist_ok=True)
-    _atomic_write_bytes(folder / "model.safetensors", [payload])
+    save_tensors(folder / "model.safetensors", tensors, {"format": "pt"})   # transformers reads "pt" files
     _atomic_write_bytes(folder / "config.json", [conf.encode()])
 
 

@@ -386,3 +386,17 @@ def test_one_wrong_gradient_in_a_layout_lands_on_its_canonical_name(fmt):
     assert wrong == ["transformer.h.1.attn.c_attn.weight"]
     diff = np.argwhere(back[wrong[0]] != grads[wrong[0]])
     assert diff.tolist() == [[3, 7]]         # canonical [in, out]
+
+
+def test_the_docs_table_says_what_the_code_says():
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / "docs" / "interop.md").read_text()
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0].startswith("`") and cells[0].split("`")[1] in formats.TABLE:
+            rows[cells[0].split("`")[1]] = cells[1:]
+    assert list(rows) == list(formats.TABLE)
+    for name, cells in rows.items():
+        d = formats.describe(name)
+        assert cells == [d[f].replace(name, "same") for f in formats.FORMATS], name
