@@ -203,3 +203,20 @@ def test_command_line_exits_2_without_traceback(tmp_path):
                           capture_output=True, text=True, env=env)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr == f"convert.py: error: {tmp_path / 'none.bin'}: no such llm.c model file\n"
+
+
+def test_llmc_state_from_a_float64_checkpoint_is_stored_as_float32(tmp_path, capsys):
+    cfg = CFG.replace(dtype="float64")
+    src = ours(tmp_path, cfg)
+    np.save(tmp_path / "ids.npy", np.arange(6).reshape(2, 3))
+    np.save(tmp_path / "t.npy", np.arange(6).reshape(2, 3) + 1)
+    code, text, _ = cli(capsys, "--to", "llmc-state", "--checkpoint", src, "--ids", tmp_path / "ids.npy",
+                        "--targets", tmp_path / "t.npy", "--out", tmp_path / "s.bin")
+    assert code == 0 and "computed in float64, stored as float32" in text
+    state = formats.read_llmc_state(tmp_path / "s.bin", cfg)
+    import manual
+    model = manual.Model.from_params(cfg, params_of(cfg))
+    loss = model.forward(np.load(tmp_path / "ids.npy"), np.load(tmp_path / "t.npy"))
+    model.backward()
+    assert state.loss == np.float32(loss)
+    assert all(np.array_equal(state.grads[k], model.grads[k].astype(np.float32)) for k in model.grads)
