@@ -182,20 +182,26 @@ def llmc_padded_vocab(V: int) -> int:
     return -(-V // LLMC_VOCAB_MULTIPLE) * LLMC_VOCAB_MULTIPLE
 
 
-def llmc_shapes(cfg: ModelConfig, Vp: int) -> dict[str, tuple]:
-    """The 16 llm.c tensors in file order with their shapes, from the table and the registry."""
-    canon = param_shapes(cfg)
+def layout_shapes(cfg: ModelConfig, fmt: str, Vp: int | None = None) -> dict[str, tuple]:
+    """Every tensor of `fmt` for this config, in the format's order, with its stored shape (from the
+    table and the registry). llmc: the 16 stacked tensors; wte has Vp rows (None: any Vp >= V)."""
     out = {}
-    for name, row in TABLE.items():
-        p = row[2]
+    for name, shape in param_shapes(cfg).items():
+        p = place(name, fmt)
         if p is None:
             continue
-        shape = canon[name.replace("{i}", "0")]
         shape = shape[::-1] if p.transpose else shape
         if p.pad_vocab:
             shape = (Vp,) + shape[1:]
-        out[p.key] = ((cfg.n_layers,) + shape) if p.stacked else shape
+        if p.stacked:
+            shape = (cfg.n_layers,) + shape
+        out[p.key or name] = shape           # a stacked key is met once per layer, with the same shape
     return out
+
+
+def llmc_shapes(cfg: ModelConfig, Vp: int) -> dict[str, tuple]:
+    """The 16 llm.c tensors in file order with their shapes."""
+    return layout_shapes(cfg, "llmc", Vp)
 
 
 def to_layout(params: dict[str, np.ndarray], cfg: ModelConfig, fmt: str, Vp: int | None = None) -> dict:
@@ -230,51 +236,42 @@ def from_layout(tensors: dict[str, np.ndarray], cfg: ModelConfig, fmt: str, what
     """The tensors of `fmt` -> canonical tensors in registry order, by the table (strict).
 
     Raises one FormatError listing every missing, unexpected and mis-shaped key. The tied
-    lm_head.weight may be present (it must then equal wte) or absent. llmc: wte may have V or
-    Vp >= V rows; padded rows are dropped. `dtype`: cast (exactly, when widening) to it."""
+    lm_head.weight may be present (it must then equal wte) or absent. llmc: wte may have any
+    Vp >= V rows; the padded rows are dropped. `dtype`: cast to it (exact when widening)."""
     check_can_hold(cfg, fmt)
-    want = param_shapes(cfg)
-    problems, out, used = [], {}, set()
-    llmc_want = llmc_shapes(cfg, Vp=0) if fmt == "llmc" else {}
-    for name, shape in want.items():
-        p = place(name, fmt)
-        key = p.key or name
+    V = cfg.vocab_size
+    expected = layout_shapes(cfg, fmt)                          # llmc wte: (None, C)
+    problems = []
+    for key, shape in expected.items():
         if key not in tensors:
-            if key not in used:
-                problems.append(f"missing {key}")
-            used.add(key)
+            problems.append(f"missing {key}")
             continue
-        used.add(key)
-        arr = np.asarray(tensors[key])
-        if fmt == "llmc":
-            exp = llmc_want[key]
-            rows_ok = (not p.pad_vocab and arr.shape == exp) or (p.pad_vocab and arr.ndim == 2 and
-                                                                 arr.shape[1] == exp[1] and arr.shape[0] >= shape[0])
-            if not rows_ok:
-                if (key, "shape") not in used:
-                    exp_text = f"(Vp >= {shape[0]}, {exp[1]})" if p.pad_vocab else str(exp)
-                    problems.append(f"{key} has shape {tuple(arr.shape)}, expected {exp_text}")
-                    used.add((key, "shape"))
-                continue
-            arr = arr[pattern_of(name)[1]] if p.stacked else arr
-            arr = arr[: shape[0]] if p.pad_vocab else arr
-        if p.transpose:
-            arr = arr.T
-        if arr.shape != shape:
-            stored = shape[::-1] if p.transpose else shape
-            problems.append(f"{key} has shape {tuple(np.asarray(tensors[key]).shape)}, expected {stored}")
-            continue
-        out[name] = np.ascontiguousarray(arr, dtype=dtype or arr.dtype)
-    if fmt != "llmc" and cfg.tie_embeddings and "lm_head.weight" in tensors:
-        used.add("lm_head.weight")
-        wte = tensors.get("transformer.wte.weight")
-        if wte is not None and not np.array_equal(np.asarray(tensors["lm_head.weight"]), np.asarray(wte)):
-            problems.append("lm_head.weight differs from transformer.wte.weight although the config ties them")
-    unexpected = sorted(k for k in tensors if k not in used)
-    problems += [f"unexpected {k} {tuple(np.asarray(tensors[k]).shape)}" for k in unexpected]
+        found = tuple(np.shape(tensors[key]))
+        if shape[0] is None:                                    # padded vocabulary rows
+            if not (len(found) == 2 and found[1] == shape[1] and found[0] >= V):
+                problems.append(f"{key} has shape {found}, expected (Vp >= {V}, {shape[1]})")
+        elif found != shape:
+            problems.append(f"{key} has shape {found}, expected {shape}")
+    tied_copy = "lm_head.weight" if fmt != "llmc" and cfg.tie_embeddings else None
+    problems += [f"unexpected {k} {tuple(np.shape(v))}" for k, v in sorted(tensors.items())
+                 if k not in expected and k != tied_copy]
+    if tied_copy in tensors and "transformer.wte.weight" in tensors and not np.array_equal(
+            np.asarray(tensors[tied_copy]), np.asarray(tensors["transformer.wte.weight"])):
+        problems.append("lm_head.weight differs from transformer.wte.weight although the config ties them")
     if problems:
         raise FormatError(f"{what} does not match the {fmt} layout of its config "
                           f"({len(problems)} problem(s)): " + "; ".join(problems))
+    out = {}
+    for name in param_shapes(cfg):
+        p = place(name, fmt)
+        arr = np.asarray(tensors[p.key or name])
+        if p.stacked:
+            arr = arr[pattern_of(name)[1]]                      # layer i of (L, ...)
+        if p.pad_vocab:
+            arr = arr[:V]                                       # (Vp, C) -> (V, C)
+        if p.transpose:
+            arr = arr.T                                         # (out, in) -> (in, out)
+        out[name] = np.ascontiguousarray(arr, dtype=dtype or arr.dtype)
     return out
 
 
@@ -591,11 +588,10 @@ def read_llmc_state(path, cfg: ModelConfig, Vp: int | None = None) -> LlmcState:
         raise FormatError(f"{path}: offset 12 (T): found {T}, expected <= max_seq_len {cfg.max_seq_len}")
     V, C = cfg.vocab_size, cfg.d_model
     head = 1024 + 8 * B * T + 4 * B * T * V + 4
-    rest = sum(int(np.prod(s)) for k, s in llmc_shapes(cfg, 0).items())     # every tensor but wte's rows
-    if Vp is None:
-        n_grads = (len(data) - head) // 4 - rest
-        Vp = n_grads // C if n_grads >= V * C and n_grads % C == 0 and (len(data) - head) % 4 == 0 else \
-            llmc_padded_vocab(V)
+    rest = sum(int(np.prod(s)) for s in llmc_shapes(cfg, 0).values())    # wte counted with 0 rows
+    if Vp is None:               # not in the header: the size of wte's gradient tells it (else llm.c's rule)
+        n_wte = (len(data) - head) // 4 - rest
+        Vp = n_wte // C if n_wte >= V * C and n_wte % C == 0 else llmc_padded_vocab(V)
     _check_size(path, len(data), head + 4 * (rest + Vp * C),
                 f"header B {B}, T {T}; config V {V}, C {C}, L {cfg.n_layers}, maxT {cfg.max_seq_len}; Vp {Vp}")
     at = 1024
