@@ -71,8 +71,12 @@ def main(argv=None) -> int:
         with ProcessPoolExecutor(max_workers=args.jobs, initializer=_one_thread) as pool:
             for part in pool.map(run_case, todo, [checks] * len(todo)):
                 results += part
-    if args.third == "hf":
-        from .hf import run_hf
+    if args.third == "hf":            # transformers' GPT2LMHeadModel as a third implementation (conformance/hf.py)
+        from .hf import require_transformers, run_hf
+        try:
+            require_transformers()
+        except ImportError as exc:
+            p.error(str(exc))
         for i, dtype in enumerate(dtypes):
             results += run_hf(dtype, preset=args.preset, count=i == 0)
     passed = summarize(results, verbose=args.verbose)

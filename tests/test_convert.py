@@ -220,3 +220,13 @@ def test_llmc_state_from_a_float64_checkpoint_is_stored_as_float32(tmp_path, cap
     model.backward()
     assert state.loss == np.float32(loss)
     assert all(np.array_equal(state.grads[k], model.grads[k].astype(np.float32)) for k in model.grads)
+
+
+def test_an_out_folder_that_does_not_exist_is_one_line(tmp_path, capsys):
+    formats.write_llmc(tmp_path / "m.bin", CFG, params_of(CFG))
+    code, _, err = cli(capsys, "--from", "llmc", tmp_path / "m.bin", "--out", tmp_path / "no" / "o.safetensors")
+    assert code == 2 and err.count("\n") == 1 and "folder" in err and "does not exist" in err
+    code, _, err = cli(capsys, "--from", "llmc", tmp_path / "m.bin", "--out", tmp_path / "o.bin")
+    assert code == 2 and "our checkpoints are .safetensors files" in err
+    code, _, err = cli(capsys, "--to", "llmc", "--checkpoint", ours(tmp_path), "--out", tmp_path / "no" / "m.bin")
+    assert code == 2 and err.count("\n") == 1 and "does not exist" in err

@@ -167,12 +167,12 @@ def run(args) -> str:
         if fmt not in formats.READERS:
             raise BadInput(f"--from {fmt}: unknown format; expected one of {', '.join(formats.READERS)}")
         refuse_pickle(path)
+        if not str(args.out).endswith(".safetensors"):
+            raise BadInput(f"--out {args.out}: our checkpoints are .safetensors files")
         cfg, params, notes = formats.READERS[fmt](path, dtype=args.dtype)
         extra = {"converted_from": f"{fmt} {path}"}
         if notes:
             extra["conversion_notes"] = " | ".join(notes)
-        if not str(args.out).endswith(".safetensors"):
-            raise BadInput(f"--out {args.out}: our checkpoints are .safetensors files")
         save_model(args.out, cfg, params, extra_metadata=extra)
         return f"wrote {args.out}: {fmt} -> ours, {len(params)} tensors, {cfg.dtype}" + \
             "".join(f"; {n}" for n in notes)
@@ -218,7 +218,8 @@ def main(argv=None) -> int:
         print(f"convert.py: error: {text}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"convert.py: error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        text = f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
+        print(f"convert.py: error: {text}", file=sys.stderr)
         return 2
 
 
