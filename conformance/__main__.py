@@ -59,6 +59,12 @@ def main(argv=None) -> int:
     except ValueError as exc:
         p.error(str(exc))
     checks = tuple(args.check) if args.check else CHECKS
+    if args.third == "hf":            # fail before the suite runs when transformers is missing
+        from .hf import require_transformers
+        try:
+            require_transformers()
+        except ImportError as exc:
+            p.error(str(exc))
     t0 = time.perf_counter()
     for case in todo:
         if args.preset != "tiny":   # bigger presets: fewer optimizer steps and tokens keep it interactive
@@ -72,11 +78,7 @@ def main(argv=None) -> int:
             for part in pool.map(run_case, todo, [checks] * len(todo)):
                 results += part
     if args.third == "hf":            # transformers' GPT2LMHeadModel as a third implementation (conformance/hf.py)
-        from .hf import require_transformers, run_hf
-        try:
-            require_transformers()
-        except ImportError as exc:
-            p.error(str(exc))
+        from .hf import run_hf
         for i, dtype in enumerate(dtypes):
             results += run_hf(dtype, preset=args.preset, count=i == 0)
     passed = summarize(results, verbose=args.verbose)
