@@ -128,3 +128,10 @@ def test_sample_from_hf_folder_uses_its_tokenizer(tmp_path, capsys):
     with pytest.raises(SystemExit):
         sample.main(["--from-hf", str(folder), str(folder)])
     assert "exactly one" in capsys.readouterr().err
+
+
+def test_gpt2_config_json_reads_as_our_gpt2_small_preset():
+    from transformers import GPT2Config
+    assert formats.hf_config_to_ours(GPT2Config().to_dict()) == ModelConfig.preset("gpt2-small")
+    assert formats.hf_config_to_ours(formats.ours_to_hf_config(ModelConfig.preset("gpt2-small"))) == \
+        ModelConfig.preset("gpt2-small")
