@@ -1,6 +1,6 @@
 """An independent GPT-2-style transformer in NumPy, written against the outside-program protocol.
 
-    python examples/numpy_port/port.py CASE OUT [--bug NAME]
+    python examples/numpy_port/port.py CASE OUT [--bug NAME] [--steps N]
 
 CASE is a folder written by `python tools/layerdiff.py --export-case CASE` (checkpoint.safetensors,
 ids.npy, targets.npy); OUT is the dump this program writes: every tap, the loss, every tap gradient
@@ -16,6 +16,12 @@ Exit status: 0 dump written; 2 bad input (missing file, unreadable case); 3 the 
 is not supported by this port (one line names the field).
 
 --bug NAME plants one bug (see BUGS) so that you can watch the debugger find it.
+
+--steps N (N > 0) trains instead: N steps from the checkpoint on the batches of CASE/train/ (ids.npy,
+targets.npy: (N, B, T)) with the optimizer of CASE/train/optimizer.json (sgd or adamw, PyTorch's
+semantics, weight decay on the names listed under "decay", optional global-norm clipping), and
+writes OUT with "losses" (N,) (each step's loss before its update) and every parameter after the
+last step, under the canonical names. --steps 0 is the plain dump.
 """
 from __future__ import annotations
 
@@ -480,15 +486,68 @@ def run(case: Path, out: Path, bug: str | None = None) -> None:
     save_file({k: np.ascontiguousarray(v) for k, v in dump.items()}, str(out))
 
 
+def train(case: Path, out: Path, steps: int, bug: str | None = None) -> None:
+    """`steps` optimizer steps on CASE/train/; writes losses and the final parameters."""
+    cfg, canonical, _ids, _targets = read_case(case)
+    dtype = np.dtype(cfg["dtype"])
+    folder = case / "train"
+    if not (folder / "optimizer.json").is_file():
+        raise FileNotFoundError(f"--steps {steps} needs {folder}/optimizer.json, ids.npy and targets.npy")
+    opt = json.loads((folder / "optimizer.json").read_text())
+    ids_all = np.load(folder / "ids.npy", allow_pickle=False).astype(np.int64)          # (N, B, T)
+    targets_all = np.load(folder / "targets.npy", allow_pickle=False).astype(np.int64)  # (N, B, T)
+    if ids_all.ndim != 3 or len(ids_all) < steps:
+        raise ValueError(f"{folder}/ids.npy has shape {ids_all.shape}; --steps {steps} needs ({steps}, B, T)")
+    if opt["kind"] not in ("sgd", "adamw"):
+        raise Unsupported(f"unsupported configuration field optimizer kind={opt['kind']!r} (supported: sgd, adamw)")
+    model = GPT(to_own({k: v.astype(dtype) for k, v in canonical.items()}, cfg), cfg, bug)
+    decay = set(opt.get("decay", []))
+    own_decays = {own: canon in decay for own, canon, _ in layout_rows(cfg, canonical)}
+    state = {name: {} for name in model.P}
+    losses = []
+    for t in range(1, steps + 1):
+        for p in model.P.values():
+            p.grad[...] = 0
+        losses.append(model.forward(ids_all[t - 1], targets_all[t - 1]))
+        model.backward()
+        clip = opt.get("clip_grad_norm")
+        if clip is not None:                       # global L2 norm over every parameter (tied wte once)
+            norm = math.sqrt(sum(float(np.sum(p.grad.astype(np.float64) ** 2)) for p in model.P.values()))
+            if clip / (norm + 1e-6) < 1:
+                for p in model.P.values():
+                    p.grad *= clip / (norm + 1e-6)
+        for name, p in model.P.items():
+            wd = opt["weight_decay"] if own_decays[name] else 0.0
+            st = state[name]
+            if opt["kind"] == "sgd":
+                g = p.grad + wd * p.data
+                st["buf"] = g.copy() if "buf" not in st else opt["momentum"] * st["buf"] + g
+                p.data -= opt["lr"] * st["buf"]
+            else:
+                b1, b2 = opt["betas"]
+                p.data *= 1 - opt["lr"] * wd
+                st["m"] = b1 * st.get("m", 0) + (1 - b1) * p.grad
+                st["v"] = b2 * st.get("v", 0) + (1 - b2) * p.grad * p.grad
+                denom = np.sqrt(st["v"]) / math.sqrt(1 - b2 ** t) + opt["eps"]
+                p.data -= opt["lr"] / (1 - b1 ** t) * st["m"] / denom
+    result = to_canonical({name: p.data for name, p in model.P.items()}, cfg, canonical)
+    result["losses"] = np.asarray(losses, dtype=dtype)
+    save_file(result, str(out))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("case", type=Path, help="folder written by tools/layerdiff.py --export-case")
     p.add_argument("out", type=Path, help="the dump to write (.safetensors)")
     p.add_argument("--bug", choices=sorted(BUGS), help="plant one bug: " +
                    "; ".join(f"{k}: {v}" for k, v in BUGS.items()))
+    p.add_argument("--steps", type=int, default=0, help="train N steps on CASE/train/ instead (see above)")
     args = p.parse_args(argv)
     try:
-        run(args.case, args.out, args.bug)
+        if args.steps > 0:
+            train(args.case, args.out, args.steps, args.bug)
+        else:
+            run(args.case, args.out, args.bug)
     except Unsupported as exc:
         print(exc, file=sys.stderr)
         return EXIT_UNSUPPORTED
