@@ -267,6 +267,25 @@ def test_c_bug_is_found(bug, c_programs, float64_case, tmp_path):
     assert v["blame"] == "dump", v
 
 
+def test_c_is_memory_safe_under_sanitizers(c_programs, tmp_path):
+    """AddressSanitizer + UBSan build (any report aborts): a float64 case, a float32 flash case, and a
+    truncated checkpoint that must be rejected without an out-of-bounds read."""
+    exe = tmp_path / "gpt-asan"
+    cmd = [c_compiler(), "-std=c99", "-O0", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+           "-o", str(exe), str(C_DIR / "gpt.c"), "-lm"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        pytest.skip(f"this compiler cannot build with -fsanitize=address,undefined: {r.stderr.strip()[-200:]}")
+    for flags in (dict(dtype="float64"), dict(dtype="float32", attention="flash", activation="gelu_tanh")):
+        case = export_case(tmp_path / flags["dtype"], **flags)
+        run = run_program([str(exe)], case, case / "dump.safetensors")
+        assert run.returncode == 0 and "Sanitizer" not in run.stderr, run.stderr[-2000:]
+    ckpt = tmp_path / "float64" / "checkpoint.safetensors"
+    ckpt.write_bytes(ckpt.read_bytes()[:5000])
+    run = run_program([str(exe)], tmp_path / "float64", tmp_path / "x.safetensors")
+    assert run.returncode == 2 and "Sanitizer" not in run.stderr, run.stderr[-2000:]
+
+
 def test_c_rejects_a_truncated_checkpoint(c_programs, tmp_path):
     case = export_case(tmp_path / "case", dtype="float64")
     ckpt = case / "checkpoint.safetensors"
