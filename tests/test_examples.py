@@ -76,6 +76,18 @@ def assert_agrees(cmd: list, case: Path) -> None:
     assert v["compared"] == n_names(case) and not v["absent"], v       # the dump holds every tensor
 
 
+def assert_bug_found(cmd: list, case: Path, dump: Path, expected: tuple) -> None:
+    """The planted bug is caught: first divergent tensor, one of its layers (and function), the dump blamed."""
+    r = run_program(cmd, case, dump)
+    assert r.returncode == 0, r.stderr
+    v = debugger_verdict(case, dump)
+    tensor, layer, fn = expected
+    assert not v["agree"]
+    assert v["first"] == tensor, v
+    assert (layer, fn) in v["layers"], v
+    assert v["blame"] == "dump", v
+
+
 def assert_unsupported(cmd: list, case: Path, field: str) -> None:
     r = run_program(cmd, case, case / "dump.safetensors")
     assert r.returncode == EXIT_UNSUPPORTED, (r.returncode, r.stderr)
@@ -136,15 +148,7 @@ NUMPY_BUGS = {
 
 @pytest.mark.parametrize("bug", list(NUMPY_BUGS))
 def test_numpy_port_bug_is_found(bug, float64_case, tmp_path):
-    dump = tmp_path / f"{bug}.safetensors"
-    r = run_program(PY + ["--bug", bug], float64_case, dump)
-    assert r.returncode == 0, r.stderr
-    v = debugger_verdict(float64_case, dump)
-    tensor, layer, fn = NUMPY_BUGS[bug]
-    assert not v["agree"]
-    assert v["first"] == tensor, v
-    assert (layer, fn) in v["layers"], v
-    assert v["blame"] == "dump", v
+    assert_bug_found(PY + ["--bug", bug], float64_case, tmp_path / f"{bug}.safetensors", NUMPY_BUGS[bug])
 
 
 def test_numpy_port_declares_unknown_field_unsupported(tmp_path):
@@ -256,15 +260,7 @@ def test_c_unknown_field_unsupported(c_programs, tmp_path):
 
 @pytest.mark.parametrize("bug", list(C_BUGS))
 def test_c_bug_is_found(bug, c_programs, float64_case, tmp_path):
-    dump = tmp_path / f"{bug}.safetensors"
-    r = run_program([str(c_programs[bug])], float64_case, dump)
-    assert r.returncode == 0, r.stderr
-    v = debugger_verdict(float64_case, dump)
-    tensor, layer, fn = C_BUGS[bug]
-    assert not v["agree"]
-    assert v["first"] == tensor, v
-    assert (layer, fn) in v["layers"], v
-    assert v["blame"] == "dump", v
+    assert_bug_found([str(c_programs[bug])], float64_case, tmp_path / f"{bug}.safetensors", C_BUGS[bug])
 
 
 def test_c_is_memory_safe_under_sanitizers(c_programs, tmp_path):
