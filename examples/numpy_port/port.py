@@ -100,7 +100,7 @@ LAYOUT = [
     ("future.{j}.weight",          "mtp.{j}.weight",                           "T"),
     ("future.{j}.bias",            "mtp.{j}.bias",                             "same"),
 ]
-QKV = "qkv"
+QKV = ("q", "k", "v")             # the column blocks of c_attn, in order
 
 
 def layout_rows(cfg: dict, canonical_names) -> list[tuple[str, str, str]]:
