@@ -3,7 +3,7 @@
  *
  *     ./gpt CASE OUT
  *
- * CASE is a folder written by `python tools/layerdiff.py --export-case CASE`:
+ * CASE is a folder written by `python -m tools.layerdiff --export-case CASE`:
  *     checkpoint.safetensors   weights under the canonical (Hugging Face GPT-2) names, metadata
  *                              "config" = the ModelConfig as JSON
  *     ids.npy, targets.npy     the batch, int64 (B, T); targets equal to pad_id are ignored
@@ -504,7 +504,7 @@ static void dump_write(const char *path, const char *dtype, size_t esize) {
 
 int main(int argc, char **argv) {
     if (argc != 3) {
-        fprintf(stderr, "usage: %s CASE OUT\n  CASE: a folder written by tools/layerdiff.py --export-case\n"
+        fprintf(stderr, "usage: %s CASE OUT\n  CASE: a folder written by python -m tools.layerdiff --export-case\n"
                         "  OUT: the dump to write (.safetensors)\n", argv[0]);
         return EXIT_BAD_INPUT;
     }

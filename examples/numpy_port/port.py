@@ -2,7 +2,7 @@
 
     python examples/numpy_port/port.py CASE OUT [--bug NAME] [--steps N]
 
-CASE is a folder written by `python tools/layerdiff.py --export-case CASE` (checkpoint.safetensors,
+CASE is a folder written by `python -m tools.layerdiff --export-case CASE` (checkpoint.safetensors,
 ids.npy, targets.npy); OUT is the dump this program writes: every tap, the loss, every tap gradient
 and every parameter gradient, under the canonical names, in the case's dtype.
 
@@ -451,7 +451,7 @@ def read_case(case: Path):
     for f in ("checkpoint.safetensors", "ids.npy", "targets.npy"):
         if not (case / f).is_file():
             raise FileNotFoundError(f"case folder {case} has no {f} (write one with "
-                                    f"python tools/layerdiff.py --export-case {case})")
+                                    f"python -m tools.layerdiff --export-case {case})")
     with safe_open(str(case / "checkpoint.safetensors"), framework="np") as f:
         meta = f.metadata() or {}
         params = {k: f.get_tensor(k) for k in f.keys()}
@@ -537,7 +537,7 @@ def train(case: Path, out: Path, steps: int, bug: str | None = None) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("case", type=Path, help="folder written by tools/layerdiff.py --export-case")
+    p.add_argument("case", type=Path, help="folder written by python -m tools.layerdiff --export-case")
     p.add_argument("out", type=Path, help="the dump to write (.safetensors)")
     p.add_argument("--bug", choices=sorted(BUGS), help="plant one bug: " +
                    "; ".join(f"{k}: {v}" for k, v in BUGS.items()))
