@@ -295,7 +295,8 @@ def test_c_rejects_a_truncated_checkpoint(c_programs, tmp_path):
 
 def write_train_files(case: Path, steps: int, kind: str) -> list:
     """CASE/train/ as the outside-program harness writes it (ids.npy, targets.npy (N, B, T), optimizer.json)."""
-    from conformance.engine import OPTIMIZERS, make_batch
+    from conformance.engine import make_batch
+    from conformance.trajectory import OPTIMIZERS
     from manual import registry
     from manual.checkpoint import load_model
     cfg = load_model(case / "checkpoint.safetensors")[0]
@@ -314,7 +315,7 @@ def write_train_files(case: Path, steps: int, kind: str) -> list:
 def reference_training(case: Path, batches: list, kind: str):
     """The reference (PyTorch) trained on `batches`: (losses, {canonical name: final parameter})."""
     import reference
-    from conformance.engine import OPTIMIZERS
+    from conformance.trajectory import OPTIMIZERS
     from manual.checkpoint import load_model
     from reference import optim as ropt
     cfg, params, _extras, _meta = load_model(case / "checkpoint.safetensors")
