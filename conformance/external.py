@@ -266,11 +266,25 @@ def load_dump_file(path) -> dict[str, np.ndarray]:
         except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
             raise DumpError(f"unreadable dump: {path} ({size} bytes) is a damaged .npz: {exc}") from None
     else:
-        if size >= 8:
-            n = int.from_bytes(head, "little")
-            if n > size - 8:
-                raise DumpError(f"truncated dump: {path} has {size} bytes, its safetensors header alone says "
-                                f"{n + 8}")
+        with open(path, "rb") as f:
+            first = f.read(9)[8:]
+        if size < 9 or first != b"{":
+            raise DumpError(f"unreadable dump: {path} ({size} bytes) is neither safetensors (8-byte header length, "
+                            f"then a JSON header) nor .npz (a zip file)")
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            raise DumpError(f"truncated dump: {path} has {size} bytes, its safetensors header alone says {n + 8}")
+        with open(path, "rb") as f:
+            f.seek(8)
+            try:
+                header = json.loads(f.read(n))
+                need = 8 + n + max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+                                   default=0)
+            except (ValueError, KeyError, TypeError, IndexError) as exc:
+                raise DumpError(f"unreadable dump: {path} has a damaged safetensors header: {exc}") from None
+        if need > size:
+            raise DumpError(f"truncated dump: {path} has {size} bytes, its header describes {need} "
+                            f"(did the program stop writing early?)")
         try:
             tensors, _meta = load_tensors(path)
         except CheckpointError as exc:
@@ -500,7 +514,7 @@ class Outcome:
 
 def failure(config: str, stage: str, message: str) -> Outcome:
     """An outcome whose configuration failed before any comparison: one line."""
-    row = Comparison(config=config, check="impl", tensor=stage, passed=False, max_abs=math.inf, note=message)
+    row = Comparison(config=config, check="impl", tensor=stage, passed=False, note=message)
     return Outcome(config, "error", message, rows=[row])
 
 

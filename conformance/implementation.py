@@ -304,3 +304,76 @@ def reference_impl(cfg: ModelConfig, params: dict) -> ModelAdapter:
     """reference.Model through this interface, with every capability."""
     import reference
     return ModelAdapter(reference.Model.from_params(cfg, params), "reference")
+
+
+# -- one configuration of the matrix, in process ---------------------------------------------------------
+
+GEN_TOKENS = 10
+
+
+def check_impl(factory: Factory, cfg: ModelConfig, params: dict, ids, targets, *, label: str,
+               train_batches: list | None = None, optimizer: str = "sgd"):
+    """Construct the implementation, run one forward + backward and compare every tensor it provides
+    with the reference's (conformance.external.compare_tensors, the walk every implementation goes
+    through); then generation and optimizer steps if it has them. Returns an external.Outcome: an
+    Unsupported factory gives status "unsupported", any exception one failing line, a missing optional
+    capability a "not provided" entry."""
+    from . import external
+    from .compare import compare_exact
+
+    try:
+        impl = construct(factory, cfg, params)
+    except Unsupported as exc:
+        return external.Outcome(label, "unsupported", str(exc) or "declared unsupported")
+    except ImplementationError as exc:
+        return external.failure(label, "construct", str(exc))
+    caps = capabilities_of(impl)
+    try:
+        under = run_tensors(impl, cfg, ids, targets)
+    except Exception as exc:
+        return external.failure(label, "forward/backward", f"{type(exc).__name__}: {exc}")
+    ref = external.reference_tensors(cfg, params, ids, targets)
+    check = external.check_dump(under, cfg, *np.asarray(ids).shape, strict=True)
+    out = external.Outcome(label, rows=external.compare_tensors(check.tensors, ref, cfg, label),
+                           not_provided=[n for n in external.not_provided(under, cfg)
+                                         if n["check"] in ("activation", "activation_grad")],
+                           notes=list(check.notes))
+    out.rows[:0] = [_row(label, "impl", "tensors", p) for p in check.problems]
+    if "generation" in caps:
+        prompt = np.asarray(ids)[0, : min(4, np.asarray(ids).shape[1])]
+        ref_impl = reference_impl(cfg, params)
+        for name, kw in (("greedy", dict(temperature=0.0)),
+                         ("sample_t0.8_k10", dict(temperature=0.8, top_k=min(10, cfg.vocab_size), seed=0))):
+            try:
+                got = np.asarray(impl.generate(prompt, GEN_TOKENS, **kw))
+            except Exception as exc:
+                out.rows.append(_row(label, "generation", f"tokens.{name}", f"generate raised "
+                                                                             f"{type(exc).__name__}: {exc}"))
+                continue
+            out.rows.append(compare_exact(got, ref_impl.generate(prompt, GEN_TOKENS, **kw), tensor=f"tokens.{name}",
+                                          check="generation", config=label))
+    else:
+        out.not_provided.append({"check": "generation", "what": "generation (generate)", "count": 1, "of": 1,
+                                 "keys": []})
+    if not train_batches:
+        return out
+    if "optimizer" in caps:
+        try:
+            fresh = construct(factory, cfg, params)
+            hp, clip = external._optimizer_settings(optimizer)
+            losses, final = train(fresh, cfg, train_batches, optimizer, hp, clip)
+        except Exception as exc:
+            out.rows.append(_row(label, "optimizer", f"{optimizer} x{len(train_batches)}",
+                                 f"training raised {type(exc).__name__}: {exc}"))
+            return out
+        ref_losses, ref_params = external.reference_training(cfg, params, train_batches, optimizer)
+        out.rows += external.compare_training(losses, final, ref_losses, ref_params, cfg, label)
+    else:
+        out.not_provided.append({"check": "optimizer", "what": "optimizer steps (make_optimizer, clip_grad_norm)",
+                                 "count": 1, "of": 1, "keys": []})
+    return out
+
+
+def _row(label, check, tensor, note):
+    from .compare import Comparison
+    return Comparison(config=label, check=check, tensor=tensor, passed=False, note=note)
