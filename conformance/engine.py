@@ -10,7 +10,8 @@ For one `Case` (a config, a seed and a batch shape) `run_case` does, in this ord
     5. activation_grad   every tap gradient, in backward order; param_grad every parameter gradient;
     6. optimizer         20 steps of AdamW (decay groups + global-norm clipping) and 20 of SGD
                          with momentum, from the same checkpoint and batches: loss, every
-                         parameter and every piece of optimizer state after each step;
+                         parameter and every piece of optimizer state after each step
+                         (conformance/trajectory.py, the loop the debugger walks too);
     7. generation        greedy 30 tokens, and temperature + top-k sampling driven by one shared
                          stream of uniform draws, token for token;
     8. memory            parameter / gradient / optimizer-state bytes equal in both and equal to
@@ -40,21 +41,13 @@ from manual import registry
 from manual.checkpoint import save_model
 from manual.config import ModelConfig
 
-from .compare import Comparison, compare, compare_exact
+from . import trajectory
+from .compare import Comparison, compare, compare_exact, missing
 
 CHECKS = ("param_count", "logits", "loss", "activation", "activation_grad", "param_grad",
           "optimizer", "generation", "memory", "training")
 
 OPT_STEPS = 20
-
-# The optimizer trajectories: kind -> (hyperparameters, global-norm clip or None).
-# lr 1e-3 is the tiny preset's (the blog's) rate. At 1e-2 this tiny model on random tokens
-# trains unstably (gradient norm jumping 1.6 -> 9.2) and any 1e-16 difference grows ~10x per
-# step in both dtypes: chaos, not a disagreement (measured; see README).
-OPTIMIZERS = {
-    "adamw": (dict(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8), 1.0),
-    "sgd": (dict(lr=0.1, momentum=0.9, weight_decay=0.01), None),
-}
 GEN_TOKENS = 30
 
 
@@ -142,124 +135,54 @@ def check_forward_backward(case, m, r, ids, targets, want=CHECKS) -> list[Compar
     dt = np.dtype(cfg.dtype)
     m.zero_grad()
     r.zero_grad()
-    lm = m.forward(ids, targets)
-    lr = r.forward(ids, targets)
+    loss_manual = m.forward(ids, targets)
+    loss_reference = r.forward(ids, targets)
     if "loss" in want:
-        out.append(compare(np.asarray(lm, dtype=dt), np.asarray(lr, dtype=dt), tensor="loss", check="loss",
-                           config=lab, expect_dtype=dt))
+        out.append(compare(np.asarray(loss_manual, dtype=dt), np.asarray(loss_reference, dtype=dt), tensor="loss",
+                           check="loss", config=lab, expect_dtype=dt))
     if "logits" in want:
         out.append(compare(m.logits, r.logits, tensor="logits", check="logits", config=lab, expect_dtype=dt))
     specs = registry.tap_specs(cfg)
     if "activation" in want:
         for s in specs:
-            out.append(compare(m.taps.get(s.name, _missing()), r.taps.get(s.name, _missing()), tensor=s.name,
+            out.append(compare(m.taps.get(s.name, missing()), r.taps.get(s.name, missing()), tensor=s.name,
                                check="activation", config=lab, expect_dtype=dt))
     if "activation_grad" in want or "param_grad" in want:
         m.backward()
         r.backward()
     if "activation_grad" in want:
         for s in reversed(specs):
-            out.append(compare(m.tap_grads.get(s.name, _missing()), r.tap_grads.get(s.name, _missing()),
+            out.append(compare(m.tap_grads.get(s.name, missing()), r.tap_grads.get(s.name, missing()),
                                tensor=s.name, check="activation_grad", config=lab, expect_dtype=dt))
     if "param_grad" in want:
         for s in reversed(registry.param_specs(cfg)):
-            out.append(compare(m.grads.get(s.name, _missing()), r.grads.get(s.name, _missing()),
+            out.append(compare(m.grads.get(s.name, missing()), r.grads.get(s.name, missing()),
                                tensor=s.name, check="param_grad", config=lab, expect_dtype=dt))
     return out
-
-
-def _missing():
-    return np.full((0,), np.nan)  # a shape that never matches: reported as a shape mismatch
 
 
 def trajectory_batches(case: Case, n: int):
     return [make_batch(case.cfg, case.batch, case.T, case.seed + 1 + s, case.pad) for s in range(n)]
 
 
-def make_optimizers(sides: Sides, m, r, kind: str):
-    """The trajectory's optimizers over the decay groups: (manual optimizer, torch optimizer)."""
-    from reference import optim as ropt
-
-    hp, _clip = OPTIMIZERS[kind]
-    groups = registry.decay_groups(m.cfg, hp["weight_decay"])
-    if kind == "adamw":
-        mo = sides.manual_optim.AdamW(m.params, m.grads, lr=hp["lr"], betas=hp["betas"], eps=hp["eps"],
-                                      weight_decay=hp["weight_decay"], groups=groups)
-    else:
-        mo = sides.manual_optim.SGD(m.params, m.grads, lr=hp["lr"], momentum=hp["momentum"],
-                                    weight_decay=hp["weight_decay"], groups=groups)
-    return mo, ropt.make_optimizer(r, kind=kind, **hp)
-
-
 def check_optimizer(case, path, sides: Sides) -> list[Comparison]:
-    """20 steps of AdamW (decay groups, clipping) and of SGD with momentum from one checkpoint."""
-    from reference import optim as ropt
-
-    cfg, lab = case.cfg, case.name()
-    dt = np.dtype(cfg.dtype)
+    """case.opt_steps steps of every optimizer of trajectory.OPTIMIZERS (AdamW with decay groups and
+    clipping, SGD with momentum) from one checkpoint (conformance/trajectory.py). Per tensor: its
+    first failing step if it ever fails, else its worst passing step."""
     batches = trajectory_batches(case, case.opt_steps)
     out = []
-    for kind, (_hp, clip) in OPTIMIZERS.items():
+    for kind in trajectory.OPTIMIZERS:
         m = sides.manual.load(path)
         r = sides.reference.load(path)
-        mo, ro = make_optimizers(sides, m, r, kind)
         worst: dict[str, Comparison] = {}
-        # float32 AdamW is teacher-forced (FORCED_NOTE): the manual optimizer steps on the
-        # reference's gradients, after those gradients have been compared.
-        forced = FORCED_NOTE if (kind == "adamw" and dt == np.float32) else ""
-
-        def keep(c: Comparison, step: int):
-            c.step = step
-            # per tensor: its first failing step if it ever fails, else its worst passing step
-            old = worst.get(c.tensor)
-            if old is None or (old.passed and not c.passed) or \
-                    (old.passed and c.passed and c.badness > old.badness):
-                worst[c.tensor] = c
-
-        for step, (ids, targets) in enumerate(batches, start=1):
-            mo.zero_grad()
-            r.zero_grad()
-            lm = m.forward(ids, targets)
-            lr_ = r.forward(ids, targets)
-            keep(compare(np.asarray(lm, dt), np.asarray(lr_, dt), tensor=f"{kind}.loss", check="optimizer",
-                         config=lab, expect_dtype=dt), step)
-            m.backward()
-            r.backward()
-            for name in m.grads:
-                keep(compare(m.grads[name], r.grads[name], tensor=f"{kind}.grad.{name}", check="optimizer",
-                             config=lab, expect_dtype=dt), step)
-            if forced:
-                for name, g in r.grads.items():
-                    m.grads[name][...] = g
-            if clip is not None:
-                nm = sides.manual_optim.clip_grad_norm_(m.grads, clip)
-                nr = ropt.clip_grad_norm(r, clip)
-                keep(compare(np.asarray(nm, dt), np.asarray(nr, dt), tensor=f"{kind}.grad_norm",
-                             check="optimizer", config=lab, expect_dtype=dt), step)
-                for name in m.grads:
-                    keep(compare(m.grads[name], r.grads[name], tensor=f"{kind}.clipped_grad.{name}",
-                                 check="optimizer", config=lab, expect_dtype=dt, note=forced), step)
-            mo.step()
-            ro.step()
-            for name in m.params:
-                keep(compare(m.params[name], r.params[name], tensor=f"{kind}.param.{name}", check="optimizer",
-                             config=lab, expect_dtype=dt, note=forced), step)
-            mstate, _ = mo.state_dict()
-            rstate = ropt.optimizer_state(r, ro)
-            for key in sorted(set(mstate) | set(rstate)):
-                keep(compare(mstate.get(key, _missing()), rstate.get(key, _missing()), tensor=f"{kind}.{key}",
-                             check="optimizer", config=lab, expect_dtype=dt, note=forced), step)
+        for step in trajectory.run(sides.manual_optim, m, r, kind, batches, label=case.name()):
+            for c in step.rows:
+                old = worst.get(c.tensor)
+                if old is None or (old.passed and not c.passed) or \
+                        (old.passed and c.passed and c.badness > old.badness):
+                    worst[c.tensor] = c
         out += list(worst.values())
     return out
-
-
-FORCED_NOTE = (
-    "teacher-forced: float32 AdamW steps on the reference's gradients. AdamW divides each "
-    "gradient element by its own running rms: for an element with |g| near eps (1e-8) the update "
-    "g/(|g|+eps) moves by up to lr * dg/eps for a rounding difference dg, so float32 gradient "
-    "rounding (~1e-7 of scale, compared separately each step) becomes lr-sized parameter "
-    "differences within one step (measured 3e-5 at lr 1e-3). Free-running float64 AdamW and "
-    "float32 SGD are not forced.")
 
 
 def check_generation(case, m, r, sides: Sides) -> list[Comparison]:

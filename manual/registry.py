@@ -163,8 +163,46 @@ def init_params(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
 
 # -- taps (named activations) -------------------------------------------------------------
 
+@dataclass(frozen=True)
+class SubLayer:
+    """One step of a transformer block, in forward order (names local to block h.{i})."""
+    name: str          # the sub-layer: "ln_1", "attn", "resid_1", "ln_2", "mlp", "resid_2", "out"
+    kind: str          # layernorm | attention | mlp | add (a residual add)
+    inputs: tuple      # block-local taps it reads; "x" is the block's input
+    output: str        # block-local tap of its main output ("out" is the block's output, h.{i}.out)
+
+
+# The block topology, stated once. tap_specs (and so the tap order), the debugger's layer graph
+# (tools/layerdiff/graph.py) and the block's forward read it from here.
+BLOCK_TOPOLOGY: dict[str, tuple[SubLayer, ...]] = {
+    "pre": (        # GPT-2: out = r1 + mlp(LN2(r1)), r1 = x + attn(LN1(x))
+        SubLayer("ln_1", "layernorm", ("x",), "ln_1.out"),
+        SubLayer("attn", "attention", ("ln_1.out",), "attn.out"),
+        SubLayer("resid_1", "add", ("x", "attn.out"), "resid_1"),
+        SubLayer("ln_2", "layernorm", ("resid_1",), "ln_2.out"),
+        SubLayer("mlp", "mlp", ("ln_2.out",), "mlp.out"),
+        SubLayer("out", "add", ("resid_1", "mlp.out"), "out"),
+    ),
+    "post": (       # original transformer: out = LN2(a + mlp(a)), a = LN1(x + attn(x))
+        SubLayer("attn", "attention", ("x",), "attn.out"),
+        SubLayer("resid_1", "add", ("x", "attn.out"), "resid_1"),
+        SubLayer("ln_1", "layernorm", ("resid_1",), "ln_1.out"),
+        SubLayer("mlp", "mlp", ("ln_1.out",), "mlp.out"),
+        SubLayer("resid_2", "add", ("ln_1.out", "mlp.out"), "resid_2"),
+        SubLayer("ln_2", "layernorm", ("resid_2",), "out"),
+    ),
+}
+
+
+def block_topology(cfg: ModelConfig) -> tuple[SubLayer, ...]:
+    """The sub-layers of one block for cfg.norm, in forward order."""
+    if cfg.norm not in BLOCK_TOPOLOGY:
+        raise ValueError(f"norm {cfg.norm!r} has no block topology; expected one of {sorted(BLOCK_TOPOLOGY)}")
+    return BLOCK_TOPOLOGY[cfg.norm]
+
+
 def tap_specs(cfg: ModelConfig) -> list[TensorSpec]:
-    """Every named activation, in forward execution order.
+    """Every named activation, in forward execution order (the block's from BLOCK_TOPOLOGY).
 
     The gradient of the loss with respect to each tap (`tap_grads`) uses the same names;
     walking this list backwards is the backward execution order.
@@ -203,20 +241,15 @@ def tap_specs(cfg: ModelConfig) -> list[TensorSpec]:
 
     for i in range(cfg.n_layers):
         h = f"h.{i}"
-        if cfg.norm == "pre":
-            specs.append(TensorSpec(f"{h}.ln_1.out", btc, f"{h}.ln_1", "layernorm"))
-            specs += attn(i)
-            specs.append(TensorSpec(f"{h}.resid_1", btc, h, "block"))
-            specs.append(TensorSpec(f"{h}.ln_2.out", btc, f"{h}.ln_2", "layernorm"))
-            specs += mlp(i)
-            specs.append(TensorSpec(f"{h}.out", btc, h, "block"))
-        else:
-            specs += attn(i)
-            specs.append(TensorSpec(f"{h}.resid_1", btc, h, "block"))
-            specs.append(TensorSpec(f"{h}.ln_1.out", btc, f"{h}.ln_1", "layernorm"))
-            specs += mlp(i)
-            specs.append(TensorSpec(f"{h}.resid_2", btc, h, "block"))
-            specs.append(TensorSpec(f"{h}.out", btc, f"{h}.ln_2", "layernorm"))
+        for sub in block_topology(cfg):
+            if sub.kind == "attention":
+                specs += attn(i)
+            elif sub.kind == "mlp":
+                specs += mlp(i)
+            else:   # a layer norm's tap belongs to the norm, a residual add's to the block
+                layer = f"{h}.{sub.name}" if sub.kind == "layernorm" else h
+                specs.append(TensorSpec(f"{h}.{sub.output}", btc, layer, "layernorm" if sub.kind == "layernorm"
+                                        else "block"))
     specs.append(TensorSpec("ln_f.out", btc, "transformer.ln_f", "layernorm"))
     specs.append(TensorSpec("logits", ("B", "T", "V"), "lm_head", "linear"))
     for j in range(2, cfg.n_future + 1):

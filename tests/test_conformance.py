@@ -6,11 +6,11 @@ disagreeing tensor (config, check, tensor, max error, tolerance, worst index and
 import numpy as np
 import pytest
 
-import torch  # noqa: E402,F401  (the suite needs torch: a broken install fails, never skips)
+import torch  # noqa: F401  (the suite needs torch: a broken install fails, never skips)
 
-from conformance import engine  # noqa: E402
-from conformance.compare import compare  # noqa: E402
-from conformance.matrix import cases  # noqa: E402
+from conformance import engine
+from conformance.compare import compare
+from conformance.matrix import cases
 
 CASES = cases("tiny", ("float64", "float32"))
 

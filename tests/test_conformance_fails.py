@@ -2,13 +2,13 @@
 import numpy as np
 import pytest
 
-import torch  # noqa: E402,F401  (the suite needs torch: a broken install fails, never skips)
+import torch  # noqa: F401  (the suite needs torch: a broken install fails, never skips)
 
-import manual  # noqa: E402
-import manual.optim  # noqa: E402
-from conformance import engine  # noqa: E402
-from conformance.engine import Case, Sides  # noqa: E402
-from manual.config import ModelConfig  # noqa: E402
+import manual
+import manual.optim
+from conformance import engine
+from conformance.engine import Case, Sides
+from manual.config import ModelConfig
 
 CASE64 = Case("tiny.corrupt", ModelConfig.preset("tiny", dtype="float64"), batch=2, seq_len=8, opt_steps=5,
               gen_tokens=5)

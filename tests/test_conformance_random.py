@@ -6,11 +6,11 @@ no deadline (timing on a shared 2-core machine is noise).
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import torch  # noqa: E402,F401  (the suite needs torch: a broken install fails, never skips)
+import torch  # noqa: F401  (the suite needs torch: a broken install fails, never skips)
 
-from conformance import engine  # noqa: E402
-from conformance.engine import Case  # noqa: E402
-from manual.config import ModelConfig  # noqa: E402
+from conformance import engine
+from conformance.engine import Case
+from manual.config import ModelConfig
 
 settings.register_profile("ci", derandomize=True, deadline=None, max_examples=16, database=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -1,5 +1,5 @@
 """The bug zoo (tools/faults.py): every fault is caught by the conformance suite, and the debugger
-(tools/layerdiff.py) names the tensor where it lives first and blames the manual side.
+(python -m tools.layerdiff) names the tensor where it lives first and blames the manual side.
 
 One test per fault, so pytest-xdist spreads them over the workers; each is a small float64 case
 (batch 2 x 8, at most 2 optimizer steps) and takes a second or two.
@@ -12,15 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import torch  # noqa: E402,F401  (the suite needs torch: a broken install fails, never skips)
+import torch  # noqa: F401  (the suite needs torch: a broken install fails, never skips)
 
-import manual  # noqa: E402
-import manual.layers  # noqa: E402
-import manual.optim  # noqa: E402
-import manual.sampling  # noqa: E402,F401  (imported up front: a module first imported mid-test would look
-import manual.trainer  # noqa: E402,F401   like a change to the package in manual_globals())
-from conformance.engine import run_case  # noqa: E402
-from tools import faults, layerdiff  # noqa: E402
+import manual
+import manual.layers
+import manual.optim
+import manual.sampling  # noqa: F401  (imported up front: a module first imported mid-test would look
+import manual.trainer  # noqa: F401   like a change to the package in manual_globals())
+from conformance.engine import run_case
+from tools import faults, layerdiff
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = [f.name for f in faults.FAULTS]
@@ -101,7 +101,7 @@ def test_zoo_command_writes_the_json(tmp_path):
     """The CLI runs faults in 2 worker processes and writes {"faults": [...]} (two faults here; CI runs
     every fault through the parametrized test above)."""
     out = tmp_path / "zoo.json"
-    p = subprocess.run([sys.executable, str(ROOT / "tools" / "layerdiff.py"), "--zoo", "ln_grads_multiplied",
+    p = subprocess.run([sys.executable, "-m", "tools.layerdiff", "--zoo", "ln_grads_multiplied",
                         "adamw_no_bias_correction", "--json", str(out)], capture_output=True, text=True, cwd=ROOT,
                        timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
@@ -114,7 +114,7 @@ def test_zoo_command_writes_the_json(tmp_path):
 
 
 def test_list_faults():
-    p = subprocess.run([sys.executable, str(ROOT / "tools" / "layerdiff.py"), "--list-faults"],
+    p = subprocess.run([sys.executable, "-m", "tools.layerdiff", "--list-faults"],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert p.returncode == 0
     for f in faults.FAULTS:

@@ -1,0 +1,156 @@
+"""The optimizer trajectory: N optimizer steps on both sides from the same weights and batches,
+compared step by step. One generator serves the conformance engine (which keeps the worst step
+of every tensor) and the debugger (which stops at the first step that disagrees and judges it).
+
+Each step, in this order (the order the debugger reports the first divergence in):
+
+    loss                  the forward's loss
+    grad.<p>              every parameter gradient, registry order
+    grad_norm             global-norm clipping (AdamW: clip 1.0), then clipped_grad.<p>
+    param.<p>             every parameter after the step
+    optim.<state>.<p>     the optimizer state (exp_avg, exp_avg_sq / momentum_buffer), registry order
+
+Teacher forcing (FORCED_NOTE): in float32 AdamW the manual optimizer steps on the reference's
+gradients, after both gradients have been compared. Every other trajectory runs free.
+Comparisons are named `<kind>.<what>`, e.g. `adamw.param.transformer.wte.weight`, check "optimizer".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from manual import registry
+
+from .compare import Comparison, compare, missing
+
+# kind -> (hyperparameters, global-norm clip or None).
+# lr 1e-3 is the tiny preset's (the blog's) rate. At 1e-2 this tiny model on random tokens
+# trains unstably (gradient norm jumping 1.6 -> 9.2) and any 1e-16 difference grows ~10x per
+# step in both dtypes: chaos, not a disagreement (measured; see README).
+OPTIMIZERS = {
+    "adamw": (dict(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8), 1.0),
+    "sgd": (dict(lr=0.1, momentum=0.9, weight_decay=0.01), None),
+}
+
+STATE_KEYS = ("exp_avg", "exp_avg_sq", "momentum_buffer")   # the order state tensors are compared in
+
+FORCED_NOTE = (
+    "teacher-forced: float32 AdamW steps on the reference's gradients. AdamW divides each "
+    "gradient element by its own running rms: for an element with |g| near eps (1e-8) the update "
+    "g/(|g|+eps) moves by up to lr * dg/eps for a rounding difference dg, so float32 gradient "
+    "rounding (~1e-7 of scale, compared separately each step) becomes lr-sized parameter "
+    "differences within one step (measured 3e-5 at lr 1e-3). Free-running float64 AdamW and "
+    "float32 SGD are not forced.")
+
+
+def teacher_forced(kind: str, dtype) -> bool:
+    """Is this trajectory teacher-forced (see FORCED_NOTE)?"""
+    return kind == "adamw" and np.dtype(dtype) == np.float32
+
+
+def make_optimizers(manual_optim, m, r, kind: str):
+    """The trajectory's optimizers over the decay groups: (manual optimizer, torch optimizer).
+    `manual_optim` is a module with SGD, AdamW and clip_grad_norm_ (Sides.manual_optim)."""
+    from reference import optim as ropt
+
+    hp, _clip = OPTIMIZERS[kind]
+    groups = registry.decay_groups(m.cfg, hp["weight_decay"])
+    if kind == "adamw":
+        mo = manual_optim.AdamW(m.params, m.grads, lr=hp["lr"], betas=hp["betas"], eps=hp["eps"],
+                                weight_decay=hp["weight_decay"], groups=groups)
+    else:
+        mo = manual_optim.SGD(m.params, m.grads, lr=hp["lr"], momentum=hp["momentum"],
+                              weight_decay=hp["weight_decay"], groups=groups)
+    return mo, ropt.make_optimizer(r, kind=kind, **hp)
+
+
+@dataclass
+class Before:
+    """The reference's side of one step, kept for a judge that redoes the step in float64."""
+    params: dict                 # parameters before the step
+    state: dict                  # optimizer state before the step (optim.<key>.<name>)
+    grads: dict = field(default_factory=dict)     # gradients of the step's batch, unclipped
+    clipped: dict = field(default_factory=dict)   # ... after clipping (= grads without a clip)
+
+
+@dataclass
+class Step:
+    """One step of the trajectory: its comparisons, in the order above."""
+    step: int                    # 1-based
+    batch: tuple                 # (ids, targets)
+    rows: list[Comparison]
+    before: Before | None        # with snapshots=True
+    manual_state: dict           # optim.<key>.<name> after the step
+    reference_state: dict
+    manual: object               # the two models after the step (live: the next step changes them)
+    reference: object
+
+    @property
+    def first_failure(self) -> Comparison | None:
+        return next((c for c in self.rows if not c.passed), None)
+
+
+def _state_order(names: list[str]):
+    order = {f"optim.{key}.{n}": i for i, (key, n) in
+             enumerate((key, n) for key in STATE_KEYS for n in names)}
+    return lambda k: (order.get(k, len(order)), k)
+
+
+def run(manual_optim, m, r, kind: str, batches, label: str = "", snapshots: bool = False):
+    """Yield one `Step` per batch: `m` (manual side) and `r` (reference.Model) step with the
+    `kind` optimizer of OPTIMIZERS from their current weights. With snapshots=True every
+    Step carries the reference's parameters, state and gradients from before the step."""
+    from reference import optim as ropt
+
+    cfg = m.cfg
+    dt = np.dtype(cfg.dtype)
+    _hp, clip = OPTIMIZERS[kind]
+    mo, ro = make_optimizers(manual_optim, m, r, kind)
+    forced = FORCED_NOTE if teacher_forced(kind, dt) else ""
+    names = [s.name for s in registry.param_specs(cfg)]
+    state_order = _state_order(names)
+
+    for step, (ids, targets) in enumerate(batches, start=1):
+        rows: list[Comparison] = []
+
+        def cmp(a, b, what, note=""):
+            rows.append(compare(a, b, tensor=f"{kind}.{what}", check="optimizer", config=label, step=step,
+                                expect_dtype=dt, note=note))
+
+        mo.zero_grad()
+        r.zero_grad()
+        before = Before({n: v.copy() for n, v in r.params.items()}, ropt.optimizer_state(r, ro)) \
+            if snapshots else None
+        loss_manual = m.forward(ids, targets)
+        loss_reference = r.forward(ids, targets)
+        cmp(np.asarray(loss_manual, dt), np.asarray(loss_reference, dt), "loss")
+        m.backward()
+        r.backward()
+        rg = r.grads
+        for n in names:
+            cmp(m.grads.get(n, missing()), rg[n], f"grad.{n}")
+        if before is not None:
+            before.grads = before.clipped = rg
+        if forced:
+            for n, g in rg.items():
+                m.grads[n][...] = g
+        if clip is not None:
+            norm_manual = manual_optim.clip_grad_norm_(m.grads, clip)
+            norm_reference = ropt.clip_grad_norm(r, clip)
+            cmp(np.asarray(norm_manual, dt), np.asarray(norm_reference, dt), "grad_norm")
+            rg = r.grads
+            for n in names:
+                cmp(m.grads.get(n, missing()), rg[n], f"clipped_grad.{n}", forced)
+            if before is not None:
+                before.clipped = rg
+        mo.step()
+        ro.step()
+        rp = r.params
+        for n in names:
+            cmp(m.params.get(n, missing()), rp[n], f"param.{n}", forced)
+        mstate, _meta = mo.state_dict()
+        rstate = ropt.optimizer_state(r, ro)
+        for key in sorted(set(mstate) | set(rstate), key=state_order):
+            cmp(mstate.get(key, missing()), rstate.get(key, missing()), key, forced)
+        yield Step(step, (ids, targets), rows, before, mstate, rstate, m, r)
