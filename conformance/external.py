@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shlex
 import subprocess
 import tempfile
@@ -54,7 +55,7 @@ DEFAULT_TIMEOUT = 120.0          # seconds per run of the command
 STDERR_TAIL = 400                # characters of the program's stderr shown in a failure line
 PLACEHOLDERS = ("{case}", "{out}", "{steps}")
 TRAIN_STEPS = 5                  # {steps} mode: steps trained
-TRAIN_OPTIMIZER = "sgd"          # {steps} mode: the optimizer (conformance.engine.OPTIMIZERS)
+TRAIN_OPTIMIZER = "sgd"          # {steps} mode: the optimizer (conformance.trajectory.OPTIMIZERS)
 
 
 class DumpError(ValueError):
@@ -179,7 +180,7 @@ OPT_TEXT = {
 
 
 def _optimizer_settings(kind: str) -> tuple[dict, float | None]:
-    from .engine import OPTIMIZERS
+    from .trajectory import OPTIMIZERS
     if kind not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {kind!r}; choose one of {sorted(OPTIMIZERS)}")
     return OPTIMIZERS[kind]
@@ -547,12 +548,17 @@ def compare_training(losses, params: dict, ref_losses, ref_params: dict, cfg: Mo
 
 def check_command(template: str, cfg: ModelConfig, params: dict, ids, targets, *, label: str,
                   train_batches: list | None = None, optimizer: str = TRAIN_OPTIMIZER,
-                  timeout: float = DEFAULT_TIMEOUT, workdir=None, keep: bool = False) -> Outcome:
-    """Write the case, run the command, read and compare its dump (and its {steps} run). One Outcome."""
+                  timeout: float = DEFAULT_TIMEOUT, workdir=None, keep=None) -> Outcome:
+    """Write the case, run the command, read and compare its dump (and its {steps} run). One Outcome.
+    `keep`: a folder to write the case and the dump into and leave there (else a temporary one)."""
     t0 = time.perf_counter()
     B, T = np.asarray(ids).shape
     steps_mode = wants_steps(template) and bool(train_batches)
-    tmp = tempfile.mkdtemp(prefix="impl-case-", dir=workdir)
+    if keep is not None:                   # a folder the user reads afterwards (--impl-keep)
+        tmp = Path(keep)
+        tmp.mkdir(parents=True, exist_ok=True)
+    else:
+        tmp = tempfile.mkdtemp(prefix="impl-case-", dir=workdir)
     case_dir, out = Path(tmp) / "case", Path(tmp) / "dump.safetensors"
     try:
         write_case(case_dir, cfg, params, ids, targets, label=label,
@@ -562,7 +568,7 @@ def check_command(template: str, cfg: ModelConfig, params: dict, ids, targets, *
             outcome.rows += _run_steps(template, cfg, params, train_batches, optimizer, case_dir, Path(tmp),
                                        label, timeout)
     finally:
-        if not keep:
+        if keep is None:
             import shutil
             shutil.rmtree(tmp, ignore_errors=True)
     outcome.seconds = time.perf_counter() - t0
@@ -625,3 +631,200 @@ def read_case(folder) -> tuple[ModelConfig, dict, np.ndarray, np.ndarray]:
     ids = np.load(folder / "ids.npy", allow_pickle=False)
     targets = np.load(folder / "targets.npy", allow_pickle=False)
     return cfg, params, ids, targets
+
+
+# -- the matrix: every configuration, one line each ----------------------------------------------------
+
+@dataclass
+class MatrixJob:
+    """One configuration of an --impl / --impl-cmd run (picklable: it travels to a worker process)."""
+    case: object                        # conformance.engine.Case
+    impl: str | None = None             # 'package.module:factory' (in process)
+    cmd: str | None = None              # the command template (outside program)
+    timeout: float = DEFAULT_TIMEOUT
+    steps: int = TRAIN_STEPS            # optimizer steps ({steps} mode / the "optimizer" capability); 0: none
+    optimizer: str = TRAIN_OPTIMIZER
+    keep: str | None = None             # folder for the case and dump (outside programs)
+
+
+def run_job(job: MatrixJob) -> Outcome:
+    """One configuration: the case's weights (registry.init_params(cfg, seed)) and batch (engine.make_batch)."""
+    from .engine import make_batch, trajectory_batches
+    case = job.case
+    cfg, label = case.cfg, case.name()
+    params = registry.init_params(cfg, case.seed)
+    ids, targets = make_batch(cfg, case.batch, case.T, case.seed, case.pad)
+    batches = trajectory_batches(case, job.steps) if job.steps else None
+    if job.impl is not None:
+        from .implementation import ImplementationError, check_impl, load_impl
+        try:
+            factory = load_impl(job.impl)
+        except ImplementationError as exc:
+            return failure(label, "load", str(exc))
+        t0 = time.perf_counter()
+        out = check_impl(factory, cfg, params, ids, targets, label=label, train_batches=batches,
+                         optimizer=job.optimizer)
+        out.seconds = time.perf_counter() - t0
+        return out
+    keep = None if job.keep is None else Path(job.keep) / label.replace("/", "_")
+    return check_command(job.cmd, cfg, params, ids, targets, label=label, train_batches=batches,
+                         optimizer=job.optimizer, timeout=job.timeout, keep=keep)
+
+
+def first_divergent(outcome: Outcome, cfg: ModelConfig) -> str:
+    """'grad.h.1.ln_2.out (activation_grad; h.1.ln_2, layernorm)': the first failing tensor in walk order and
+    the registry's layer for it (the layer that wrote a tap or owns a parameter; for the gradient of a
+    layer's output, the backward of the layer that reads it wrote it: the debugger names that one)."""
+    c = outcome.first_failure()
+    if c is None:
+        return ""
+    if c.check == "impl":
+        return c.note
+    base = c.tensor[len("grad."):] if c.tensor.startswith("grad.") else c.tensor
+    specs = {s.name: s for s in registry.tap_specs(cfg) + registry.param_specs(cfg)}
+    spec = specs.get(base)
+    where = f"; {spec.layer}, {spec.fn}" if spec is not None else ""
+    step = f" at step {c.step}" if c.check == "optimizer" and c.step is not None else ""
+    index = f" at {tuple(c.worst_index)}: {c.a_value!r} vs reference {c.b_value!r}" if c.worst_index else ""
+    note = f" [{c.note}]" if c.note else ""
+    return f"first divergent: {c.tensor}{step} ({c.check}{where}){index}{note}"
+
+
+def print_matrix(outcomes: list[Outcome], cases: list, under_test: str, *, keep: str | None = None,
+                 verbose: int = 0, out=None) -> bool:
+    """One line per configuration (ok / FAIL / ERROR / unsupported), what was not provided, the notes,
+    the masked entries not compared, and a verdict. Returns True when every configuration passed or was
+    declared unsupported and at least one was compared."""
+    import sys
+    out = out or sys.stdout
+    cfg_of = {c.name(): c.cfg for c in cases}
+    print(f"conformance of {under_test} against the reference (reference/, PyTorch), "
+          f"{len(outcomes)} configurations", file=out)
+    header = f"{'config':<28} {'result':<12} detail"
+    print(header + "\n" + "-" * 100, file=out)
+    for o in outcomes:
+        n = len(o.rows)
+        if o.status == "unsupported":
+            result, detail = "unsupported", o.message
+        elif o.status == "error":
+            result, detail = "ERROR", o.message
+        elif o.passed:
+            result, detail = "ok", f"{n} comparisons agree ({o.seconds:.1f} s)"
+        else:
+            n_fail = sum(not c.passed for c in o.rows)
+            result = "FAIL"
+            detail = f"{n_fail} of {n} differ; " + first_divergent(o, cfg_of[o.config])
+        print(f"{o.config:<28} {result:<12} {detail}", file=out)
+        if verbose and o.status == "compared":
+            for c in o.rows if verbose > 1 else [c for c in o.rows if not c.passed]:
+                print("    " + c.line(), file=out)
+    missing = [(o.config, n) for o in outcomes for n in o.not_provided]
+    if missing:
+        print("\nnot provided (not compared, never counted as passed):", file=out)
+        by_what: dict[str, list] = {}
+        for config, n in missing:
+            by_what.setdefault(f"{n['what']}" + (f": {n['count']} of {n['of']} keys" if n["keys"] else ""),
+                               []).append(config)
+        for what, configs in by_what.items():
+            shown = ", ".join(configs) if len(configs) <= 4 else f"{len(configs)} configurations"
+            print(f"  {what}  [{shown}]", file=out)
+    notes = {note for o in outcomes for note in o.notes}
+    for note in sorted(notes):
+        print("\n" + note, file=out)
+    excluded = {}
+    for o in outcomes:
+        for c in o.rows:
+            if c.extra.get("excluded"):
+                excluded.setdefault(re.sub(r"h\.\d+\.", "h.*.", c.tensor), (c.extra["excluded"], int(np.prod(c.shape))))
+    if excluded:
+        print(f"\nentries not compared ({conventions.MASK_REASON}):", file=out)
+        for key, (n, total) in excluded.items():
+            print(f"  {key}: {n} of {total} entries (first configuration)", file=out)
+    compared = [o for o in outcomes if o.status != "unsupported"]
+    bad = [o for o in outcomes if not o.passed]
+    unsupported = [o for o in outcomes if o.status == "unsupported"]
+    passed = not bad and bool(compared)
+    print("-" * 100, file=out)
+    print(f"{'PASSED' if passed else 'FAILED'}: {len(compared) - len(bad)} of {len(compared)} configurations agree"
+          + (f", {len(unsupported)} declared unsupported" if unsupported else "")
+          + ("" if compared else " (nothing was compared)"), file=out)
+    if bad and keep:
+        first = next(o for o in bad if o.status == "compared") if any(o.status == "compared" for o in bad) else None
+        if first is not None:
+            d = Path(keep) / first.config.replace("/", "_")
+            print(f"locate the layer and the wrong side: python -m tools.layerdiff --case {d / 'case'} "
+                  f"--against {d / 'dump.safetensors'}", file=out)
+    return passed
+
+
+def matrix_json(outcomes: list[Outcome], under_test: str) -> dict:
+    """The report's JSON: today's {"passed", "checks"} plus one entry per configuration."""
+    compared = [o for o in outcomes if o.status != "unsupported"]
+    return {"passed": bool(compared) and all(o.passed for o in outcomes), "under_test": under_test,
+            "configurations": [o.as_json() for o in outcomes],
+            "unsupported": [{"config": o.config, "reason": o.message} for o in outcomes if o.status == "unsupported"],
+            "checks": [c.as_json() for o in outcomes for c in o.rows]}
+
+
+def add_arguments(p) -> None:
+    """The command-line flags of `python -m conformance` for an implementation under test."""
+    g = p.add_argument_group("your implementation under test (docs/your-implementation.md)")
+    g.add_argument("--impl", metavar="MODULE:FACTORY",
+                   help="run the matrix on a Python implementation: factory(cfg, params) -> model "
+                        "(conformance/implementation.py)")
+    g.add_argument("--impl-cmd", metavar="'CMD {case} {out}'",
+                   help="run the matrix on an outside program: per configuration it reads the case folder "
+                        "{case} and writes the dump file {out}; with {steps} it also trains")
+    g.add_argument("--impl-timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S",
+                   help=f"seconds per run of --impl-cmd (default {DEFAULT_TIMEOUT:g})")
+    g.add_argument("--impl-steps", type=int, default=TRAIN_STEPS, metavar="N",
+                   help=f"optimizer steps compared ({{steps}} mode / the optimizer capability; default {TRAIN_STEPS}, "
+                        f"0: none)")
+    g.add_argument("--impl-optimizer", choices=("sgd", "adamw"), default=TRAIN_OPTIMIZER,
+                   help=f"the optimizer of those steps (default {TRAIN_OPTIMIZER})")
+    g.add_argument("--impl-keep", metavar="DIR",
+                   help="keep every configuration's case folder and dump under DIR (for python -m tools.layerdiff)")
+
+
+def matrix_main(p, args, cases: list, initializer=None) -> int:
+    """`python -m conformance --impl ... | --impl-cmd ...`: the matrix on an implementation under test.
+    Exit status 0 when every configuration agrees or is declared unsupported, 1 otherwise, 2 on bad flags."""
+    import json as _json
+    from concurrent.futures import ProcessPoolExecutor
+
+    if args.impl and args.impl_cmd:
+        p.error("give --impl or --impl-cmd, not both")
+    if args.check:
+        p.error("--check does not apply to --impl / --impl-cmd: every tensor the implementation provides is compared")
+    if args.impl_timeout <= 0:
+        p.error(f"--impl-timeout must be > 0 seconds, got {args.impl_timeout:g}")
+    if args.impl_steps < 0:
+        p.error(f"--impl-steps must be >= 0, got {args.impl_steps}")
+    if args.impl:
+        from .implementation import ImplementationError, load_impl
+        try:
+            load_impl(args.impl)
+        except ImplementationError as exc:
+            p.error(f"--impl: {exc}")
+        under_test = args.impl
+    else:
+        try:
+            command_argv(args.impl_cmd, "case", "out")
+        except ValueError as exc:
+            p.error(str(exc))
+        under_test = args.impl_cmd
+    steps = args.impl_steps if (args.impl or wants_steps(args.impl_cmd)) else 0
+    jobs = [MatrixJob(case, impl=args.impl, cmd=args.impl_cmd, timeout=args.impl_timeout, steps=steps,
+                      optimizer=args.impl_optimizer, keep=args.impl_keep) for case in cases]
+    t0 = time.perf_counter()
+    if args.jobs == 1 or len(jobs) == 1:
+        outcomes = [run_job(j) for j in jobs]
+    else:
+        with ProcessPoolExecutor(max_workers=args.jobs, initializer=initializer) as pool:
+            outcomes = list(pool.map(run_job, jobs))
+    passed = print_matrix(outcomes, cases, under_test, keep=args.impl_keep, verbose=args.verbose)
+    print(f"({len(cases)} configurations, {time.perf_counter() - t0:.1f} s)")
+    if args.json:
+        Path(args.json).write_text(_json.dumps(matrix_json(outcomes, under_test), indent=1))
+        print(f"wrote {args.json}")
+    return 0 if passed else 1
