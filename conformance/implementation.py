@@ -46,7 +46,7 @@ a capability you do not have is reported as "not provided", never counted as pas
                   stream of uniform draws, manual.sampling.uniform_stream(seed, n)).
     "optimizer"   make_optimizer(kind, groups, **hyper) -> an object with step(), where kind is
                   'adamw' or 'sgd' (PyTorch's AdamW / SGD with momentum semantics, the
-                  hyperparameters of conformance.engine.OPTIMIZERS), groups is
+                  hyperparameters of conformance.trajectory.OPTIMIZERS), groups is
                   manual.registry.decay_groups(cfg, weight_decay) (which names get weight decay);
                   and clip_grad_norm(max_norm) -> float: scale every gradient by
                   max_norm / (norm + 1e-6) when that is < 1, return the norm before clipping.
