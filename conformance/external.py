@@ -155,7 +155,10 @@ everywhere: its masked entries are exactly 0 in a correct implementation.
 Exit status of your program: 0 = dump written; {unsupported} = this configuration is not supported by
 your implementation (print why on stderr: it is shown as "unsupported", not as a failure); anything
 else = a failure (the tail of stderr is shown).
-"""
+
+Every key, in comparison order (taps forward, loss, tap gradients backward, parameter gradients),
+with its shape here and its shape formula (names.txt holds the same list):
+{keys}"""
 
 TRAIN_FILES = """\
     train/ids.npy, train/targets.npy   {steps} batches, int64 (N, B, T) = ({steps}, {B}, {T}).
@@ -214,7 +217,13 @@ def case_readme(cfg: ModelConfig, B: int, T: int, label: str = "", train_steps: 
         label=label or "(none)", cfg_line=cfg.to_json(), dtype=cfg.dtype, B=B, T=T, C=s["C"], H=s["H"], D=s["D"],
         F=s["F"], V=s["V"], L=s["L"], S=s["S"], train_files=train_files, norm=cfg.norm, norm_text=norm_text,
         eps=cfg.ln_eps, act_text=act, loss_text=loss, temperature=cfg.temperature, pad=cfg.pad_id,
-        heads_text=heads, unsupported=EXIT_UNSUPPORTED)
+        heads_text=heads, unsupported=EXIT_UNSUPPORTED, keys=_key_lines(cfg, B, T, "    "))
+
+
+def _key_lines(cfg: ModelConfig, B: int, T: int, indent: str = "") -> str:
+    """One line per dump key: name, shape, shape formula (names.txt, and the README's list)."""
+    shapes, specs = dump_shapes(cfg, B, T), dump_specs(cfg)
+    return "".join(f"{indent}{n} {list(shapes[n])} {list(specs[n])}\n" for n, _ in dump_names(cfg))
 
 
 def write_case(folder, cfg: ModelConfig, params: dict, ids: np.ndarray, targets: np.ndarray, *, label: str = "",
@@ -228,8 +237,7 @@ def write_case(folder, cfg: ModelConfig, params: dict, ids: np.ndarray, targets:
     (folder / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, sort_keys=True) + "\n")
     np.save(folder / "ids.npy", np.asarray(ids, dtype=np.int64))
     np.save(folder / "targets.npy", np.asarray(targets, dtype=np.int64))
-    shapes, specs = dump_shapes(cfg, B, T), dump_specs(cfg)
-    (folder / "names.txt").write_text("".join(f"{n} {list(shapes[n])} {list(specs[n])}\n" for n, _ in dump_names(cfg)))
+    (folder / "names.txt").write_text(_key_lines(cfg, B, T))
     written = [folder / n for n in (CHECKPOINT_NAME, "config.json", "ids.npy", "targets.npy", "names.txt")]
     n_steps = len(train_batches or [])
     if n_steps:
@@ -315,8 +323,11 @@ class Dump:
     notes: list                   # dtype notes, warnings (no tap gradients)
 
 
-def check_dump(tensors: dict, cfg: ModelConfig, B: int, T: int, *, strict: bool = True) -> Dump:
-    """Sort a dump's arrays into comparable tensors and problems (never raises for content)."""
+def check_dump(tensors: dict, cfg: ModelConfig, B: int, T: int, *, strict: bool = True,
+               require: bool = True) -> Dump:
+    """Sort a dump's arrays into comparable tensors and problems (never raises for content).
+    strict: see conventions.dtype_policy; require: missing required keys are a problem (the matrix),
+    or not (the debugger compares whatever a dump holds)."""
     shapes, specs = dump_shapes(cfg, B, T), dump_specs(cfg)
     problems, notes, good = [], [], {}
     tensors = dict(tensors)
@@ -343,7 +354,7 @@ def check_dump(tensors: dict, cfg: ModelConfig, B: int, T: int, *, strict: bool 
             dtype_notes.add(policy.note)
         good[key] = arr
     notes += sorted(dtype_notes)
-    missing = [k for k in required_keys(cfg) if k not in tensors]
+    missing = [k for k in required_keys(cfg) if k not in tensors] if require else []
     if missing:
         problems.append(f"required key(s) missing ({len(missing)}): {', '.join(missing[:6])}"
                         + (" ..." if len(missing) > 6 else ""))
@@ -353,9 +364,9 @@ def check_dump(tensors: dict, cfg: ModelConfig, B: int, T: int, *, strict: bool 
     return Dump(good, problems, notes)
 
 
-def read_dump(path, cfg: ModelConfig, B: int, T: int, *, strict: bool = True) -> Dump:
+def read_dump(path, cfg: ModelConfig, B: int, T: int, *, strict: bool = True, require: bool = True) -> Dump:
     """load_dump_file + check_dump. Raises DumpError when nothing can be read."""
-    return check_dump(load_dump_file(path), cfg, B, T, strict=strict)
+    return check_dump(load_dump_file(path), cfg, B, T, strict=strict, require=require)
 
 
 # -- comparing: one walk for every implementation under test -------------------------------------------
