@@ -417,3 +417,136 @@ def test_a_bug_in_process_is_found_at_its_tensor():
     cfg = small_cfg()
     o = check_impl(WrongLnf, cfg, registry.init_params(cfg, 0), *batch(cfg), label="small")
     assert not o.passed and o.first_failure().tensor == "grad.transformer.ln_f.weight"
+
+
+# -- python -m conformance --impl / --impl-cmd -----------------------------------------------------------
+
+def conformance_main(capsys, *argv):
+    from conformance.__main__ import main
+    rc = main([str(a) for a in argv])
+    return rc, capsys.readouterr()
+
+
+@pytest.fixture
+def port_module(tmp_path, monkeypatch):
+    """A Python implementation in its own module: only the required members, and no post-LN."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "my_port.py").write_text(textwrap.dedent('''
+        import manual
+        from conformance.implementation import Unsupported
+
+        class Port:
+            def __init__(self, cfg, params):
+                self.m = manual.Model.from_params(cfg, params)
+            def forward(self, ids, targets=None):
+                return self.m.forward(ids, targets)
+            def backward(self):
+                self.m.backward()
+            def zero_grad(self):
+                self.m.zero_grad()
+            params = property(lambda self: self.m.params)
+            grads = property(lambda self: self.m.grads)
+            logits = property(lambda self: self.m.logits)
+            loss = property(lambda self: self.m.loss)
+
+        def make(cfg, params):
+            if cfg.norm == "post":
+                raise Unsupported("post-LN is not implemented")
+            return Port(cfg, params)
+    '''))
+    return "my_port:make"
+
+
+def test_cli_impl_lists_unsupported_and_not_provided(capsys, port_module, tmp_path):
+    js = tmp_path / "r.json"
+    rc, out = conformance_main(capsys, "--impl", port_module, "--variant", "base", "--variant", "post_ln",
+                               "--dtype", "float64", "-j", "1", "--impl-steps", "2", "--json", js)
+    assert rc == 0, out.out
+    lines = out.out.splitlines()
+    assert any(ln.startswith("tiny.base/64") and " ok " in ln for ln in lines)
+    assert any(ln.startswith("tiny.post_ln/64") and "unsupported  post-LN is not implemented" in ln for ln in lines)
+    assert "not provided (not compared, never counted as passed):" in out.out
+    assert "generation (generate)  [tiny.base/64]" in out.out
+    assert "PASSED: 1 of 1 configurations agree, 1 declared unsupported" in out.out
+    import json
+    rep = json.loads(js.read_text())
+    assert rep["passed"] and rep["unsupported"] == [{"config": "tiny.post_ln/64", "reason": "post-LN is not implemented"}]
+    base = rep["configurations"][0]
+    assert base["status"] == "compared" and {n["check"] for n in base["not_provided"]} == \
+        {"activation", "activation_grad", "generation", "optimizer"}
+    assert rep["checks"] and all(c["passed"] for c in rep["checks"])
+
+
+def test_cli_everything_unsupported_is_not_a_pass(capsys, port_module):
+    rc, out = conformance_main(capsys, "--impl", port_module, "--variant", "post_ln", "--dtype", "float32", "-j", "1")
+    assert rc == 1 and "(nothing was compared)" in out.out
+
+
+def test_cli_impl_cmd_failure_exits_1_with_one_line(capsys, port):
+    rc, out = conformance_main(capsys, "--impl-cmd", f"{sys.executable} {port} {{case}} {{out}} 0 transposed",
+                               "--variant", "base", "--dtype", "float32", "-j", "1")
+    assert rc == 1
+    (line,) = [ln for ln in out.out.splitlines() if ln.startswith("tiny.base/32")]
+    assert "FAIL" in line and "transposed?" in line
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--impl", "a:b", "--impl-cmd", "x {case} {out}"], "give --impl or --impl-cmd, not both"),
+    (["--impl", "no_such_module_xyz:make"], "module 'no_such_module_xyz' not found"),
+    (["--impl-cmd", "./port {case}"], "no {out} placeholder"),
+    (["--impl", "manual:Model", "--check", "loss"], "--check does not apply"),
+    (["--impl", "manual:Model", "--impl-timeout", "0"], "--impl-timeout must be > 0"),
+])
+def test_cli_bad_flags(capsys, argv, message):
+    with pytest.raises(SystemExit) as err:
+        conformance_main(capsys, *argv)
+    assert err.value.code == 2 and message in capsys.readouterr().err
+
+
+# -- the debugger reads dumps with the same conventions --------------------------------------------------
+
+def layerdiff(*argv):
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, "-m", "tools.layerdiff", *map(str, argv)], capture_output=True,
+                          text=True, cwd=root, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def debug_case(tmp_path_factory, port):
+    d = tmp_path_factory.mktemp("dbg")
+    p = layerdiff("--export-case", d / "case", "--batch", 2, "--seq-len", 5, "--n-layers", 2)
+    assert p.returncode == 0, p.stderr
+    return d
+
+
+def dump_for(debug_case, port, mode):
+    import subprocess
+    out = debug_case / f"{mode}.safetensors"
+    subprocess.run([sys.executable, str(port), str(debug_case / "case"), str(out), "0", mode], check=True,
+                   timeout=120, cwd=Path(__file__).resolve().parents[1])
+    return out
+
+
+@pytest.mark.parametrize("mode", ["att=-inf", "att=-1e9", "grad_masked_zero"])
+def test_debugger_accepts_masked_entries(debug_case, port, mode):
+    p = layerdiff("--case", debug_case / "case", "--against", dump_for(debug_case, port, mode))
+    assert p.returncode == 0 and "tensors agree" in p.stdout, p.stdout + p.stderr
+
+
+def test_debugger_float32_dump_of_a_float64_case(debug_case, port):
+    p = layerdiff("--case", debug_case / "case", "--against", dump_for(debug_case, port, "float32"))
+    assert "dump float32, case float64: compared at float32's tolerance" in p.stdout
+    assert " inf " not in p.stdout and "wrong side: neither" not in p.stdout
+    assert p.returncode == 0, p.stdout
+
+
+def test_debugger_warns_without_tap_gradients(debug_case, port):
+    p = layerdiff("--case", debug_case / "case", "--against", dump_for(debug_case, port, "no_tap_grads"))
+    assert p.returncode == 0 and "no tap gradients" in p.stdout
+
+
+def test_debugger_transposed_gradient_is_a_clear_error(debug_case, port):
+    p = layerdiff("--case", debug_case / "case", "--against", dump_for(debug_case, port, "transposed"))
+    assert p.returncode == 2
+    assert "grad.transformer.h.0.mlp.c_fc.weight is (256, 64), expected (64, 256) [C, F] (transposed?" in p.stderr
