@@ -125,6 +125,6 @@ def missing_tap_grads_warning(keys, cfg: ModelConfig) -> str | None:
     if has_tap_grads or not has_param_grads:
         return None
     return ("warning: the dump holds parameter gradients but no tap gradients (grad.<tap>). The first parameter "
-            "gradient that differs can belong to a layer upstream of the cause: a wrong backward hands a wrong "
-            "gradient to the layer below it, whose parameter gradients are the first to differ. Write "
+            "gradient that differs can belong to a layer before the cause in the forward pass: a wrong backward "
+            "hands a wrong gradient to the layer below it, whose parameter gradients are the first to differ. Write "
             "grad.<tap> for the taps you have (at least grad.h.<i>.out and grad.ln_f.out) to locate it.")

@@ -683,22 +683,21 @@ def run_job(job: MatrixJob) -> Outcome:
 
 
 def first_divergent(outcome: Outcome, cfg: ModelConfig) -> str:
-    """'grad.h.1.ln_2.out (activation_grad; h.1.ln_2, layernorm)': the first failing tensor in walk order and
-    the registry's layer for it (the layer that wrote a tap or owns a parameter; for the gradient of a
-    layer's output, the backward of the layer that reads it wrote it: the debugger names that one)."""
+    """'first divergent: grad.h.2.out (activation_grad), written by ln_f (manual/layers/layernorm.py:
+    layernorm_backward) at (2, 6, 6): ...': the first failing tensor in walk order and the layer that wrote
+    it (conformance/graph.py, the debugger's graph)."""
+    from .graph import where as layer_of
     c = outcome.first_failure()
     if c is None:
         return ""
     if c.check == "impl":
         return c.note
-    base = c.tensor[len("grad."):] if c.tensor.startswith("grad.") else c.tensor
-    specs = {s.name: s for s in registry.tap_specs(cfg) + registry.param_specs(cfg)}
-    spec = specs.get(base)
-    where = f"; {spec.layer}, {spec.fn}" if spec is not None else ""
+    known = c.tensor == "loss" or c.tensor in dump_specs(cfg)
+    where = f", written by {layer_of(cfg, c.tensor)}" if known and c.check != "optimizer" else ""
     step = f" at step {c.step}" if c.check == "optimizer" and c.step is not None else ""
     index = f" at {tuple(c.worst_index)}: {c.a_value!r} vs reference {c.b_value!r}" if c.worst_index else ""
     note = f" [{c.note}]" if c.note else ""
-    return f"first divergent: {c.tensor}{step} ({c.check}{where}){index}{note}"
+    return f"first divergent: {c.tensor}{step} ({c.check}){where}{index}{note}"
 
 
 def print_matrix(outcomes: list[Outcome], cases: list, under_test: str, *, keep: str | None = None,

@@ -253,7 +253,7 @@ def test_missing_required_keys(port):
 def test_no_tap_gradients_warns_and_lists_them_as_not_provided(port):
     o = run_port(port, "no_tap_grads")
     assert o.passed
-    assert any("no tap gradients" in n and "upstream of the cause" in n for n in o.notes)
+    assert any("no tap gradients" in n and "before the cause in the forward pass" in n for n in o.notes)
     (np_,) = o.not_provided
     assert np_["check"] == "activation_grad" and np_["count"] == np_["of"] == len(registry.tap_specs(small_cfg()))
 
@@ -550,3 +550,26 @@ def test_debugger_transposed_gradient_is_a_clear_error(debug_case, port):
     p = layerdiff("--case", debug_case / "case", "--against", dump_for(debug_case, port, "transposed"))
     assert p.returncode == 2
     assert "grad.transformer.h.0.mlp.c_fc.weight is (256, 64), expected (64, 256) [C, F] (transposed?" in p.stderr
+
+
+def test_report_names_the_layer_whose_backward_wrote_the_first_divergent_tensor(capsys, tmp_path):
+    """The issue's case: a layer-norm backward without its mean term in ln_f. The gradient of h.{L-1}.out
+    is the first to differ and ln_f's backward wrote it (not block h.{L-1}, which owns the tap)."""
+    script = tmp_path / "ln_bug.py"
+    script.write_text(PORT.replace('m = manual.Model.from_params(cfg, params)', textwrap.dedent('''
+        import manual.model as mm
+        def no_mean(dy, cache, dw, db=None):
+            xhat, rstd, w = cache[0], cache[1], cache[2]
+            dw += (dy * xhat).reshape(-1, xhat.shape[-1]).sum(0)
+            if db is not None:
+                db += dy.reshape(-1, dy.shape[-1]).sum(0)
+            g = dy * w
+            return rstd * (g - xhat * (g * xhat).mean(-1, keepdims=True))
+        mm.layernorm_backward = no_mean
+        m = manual.Model.from_params(cfg, params)''')))
+    rc, out = conformance_main(capsys, "--impl-cmd", f"{sys.executable} {script} {{case}} {{out}} 0 ok", "--variant",
+                               "base", "--dtype", "float64", "-j", "1")
+    assert rc == 1
+    (line,) = [ln for ln in out.out.splitlines() if ln.startswith("tiny.base/64")]
+    assert ("first divergent: grad.h.2.out (activation_grad), written by ln_f (manual/layers/layernorm.py: "
+            "layernorm_backward)") in line, line
