@@ -477,8 +477,9 @@ def run_command(template: str, case_dir, out, *, steps: int | None = None, timeo
         proc = subprocess.run(argv, capture_output=True, text=True, errors="replace", timeout=timeout, cwd=cwd,
                               stdin=subprocess.DEVNULL)
     except FileNotFoundError:
-        return Run("error", f"command not found: {argv[0]!r} (give a path, e.g. ./{Path(argv[0]).name}, "
-                            f"or put it on PATH)")
+        where = (f"no such file, relative to {Path(cwd or '.').resolve()}" if "/" in argv[0] else
+                 "not on PATH; give its path, e.g. ./" + argv[0])
+        return Run("error", f"command not found: {argv[0]!r} ({where})")
     except PermissionError:
         return Run("error", f"command not executable: {argv[0]!r} (chmod +x, or run it through its interpreter)")
     except subprocess.TimeoutExpired as exc:
