@@ -711,7 +711,7 @@ def print_matrix(outcomes: list[Outcome], cases: list, under_test: str, *, keep:
     cfg_of = {c.name(): c.cfg for c in cases}
     print(f"conformance of {under_test} against the reference (reference/, PyTorch), "
           f"{len(outcomes)} configurations", file=out)
-    header = f"{'config':<28} {'result':<12} detail"
+    header = f"{'config':<32} {'result':<12} detail"
     print(header + "\n" + "-" * 100, file=out)
     for o in outcomes:
         n = len(o.rows)
@@ -725,7 +725,7 @@ def print_matrix(outcomes: list[Outcome], cases: list, under_test: str, *, keep:
             n_fail = sum(not c.passed for c in o.rows)
             result = "FAIL"
             detail = f"{n_fail} of {n} differ; " + first_divergent(o, cfg_of[o.config])
-        print(f"{o.config:<28} {result:<12} {detail}", file=out)
+        print(f"{o.config:<32} {result:<12} {detail}", file=out)
         if verbose and o.status == "compared":
             for c in o.rows if verbose > 1 else [c for c in o.rows if not c.passed]:
                 print("    " + c.line(), file=out)

@@ -573,3 +573,14 @@ def test_report_names_the_layer_whose_backward_wrote_the_first_divergent_tensor(
     (line,) = [ln for ln in out.out.splitlines() if ln.startswith("tiny.base/64")]
     assert ("first divergent: grad.h.2.out (activation_grad), written by ln_f (manual/layers/layernorm.py: "
             "layernorm_backward)") in line, line
+
+
+def test_manual_and_reference_are_implementations():
+    import manual
+    import reference
+    from conformance.implementation import Implementation, check_members
+    cfg = small_cfg()
+    for model in (manual.Model(cfg), reference.Model(cfg), manual_impl(cfg, registry.init_params(cfg, 0))):
+        assert isinstance(model, Implementation)
+        check_members(model)
+    assert not isinstance(MissingMembers(cfg, {}), Implementation)
