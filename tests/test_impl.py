@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from conformance import conventions, external
-from conformance.implementation import (ImplementationError, Unsupported, capabilities_of, check_impl, construct,
-                                        load_impl, manual_impl)
+from conformance.implementation import (ImplementationError, ModelAdapter, Unsupported, capabilities_of, check_impl,
+                                        construct, load_impl, manual_impl)
 from manual import registry
 from manual.config import ModelConfig
 
@@ -307,26 +307,13 @@ def test_case_directory_and_readme(tmp_path):
 
 # -- in-process implementations ---------------------------------------------------------------------------
 
-class OnlyRequired:
-    """A port with the required members only (manual underneath)."""
+class OnlyRequired(ModelAdapter):
+    """A port that declares no optional capability (manual underneath)."""
+    capabilities = frozenset()
 
     def __init__(self, cfg, params):
         import manual
-        self._m = manual.Model.from_params(cfg, params)
-
-    def forward(self, ids, targets=None):
-        return self._m.forward(ids, targets)
-
-    def backward(self):
-        self._m.backward()
-
-    def zero_grad(self):
-        self._m.zero_grad()
-
-    params = property(lambda self: self._m.params)
-    grads = property(lambda self: self._m.grads)
-    logits = property(lambda self: self._m.logits)
-    loss = property(lambda self: self._m.loss)
+        super().__init__(manual.Model.from_params(cfg, params), "manual")
 
 
 class MissingMembers:
@@ -375,8 +362,18 @@ def test_missing_members_are_listed():
 
 
 def test_declared_capability_without_its_members():
-    class Liar(OnlyRequired):
+    class Liar:
         capabilities = {"taps", "optimizer"}
+        params = grads = taps = {}
+        logits = loss = None
+
+        def __init__(self, cfg, params):
+            pass
+
+        def forward(self, ids, targets=None):
+            return None
+
+        backward = zero_grad = forward
     cfg = small_cfg()
     with pytest.raises(ImplementationError, match="declares capability 'optimizer' but has no make_optimizer"):
         construct(Liar, cfg, registry.init_params(cfg, 0))
@@ -413,7 +410,7 @@ def test_a_bug_in_process_is_found_at_its_tensor():
     class WrongLnf(OnlyRequired):
         def backward(self):
             super().backward()
-            self._m.grads["transformer.ln_f.weight"] *= 1.01
+            self.model.grads["transformer.ln_f.weight"] *= 1.01
     cfg = small_cfg()
     o = check_impl(WrongLnf, cfg, registry.init_params(cfg, 0), *batch(cfg), label="small")
     assert not o.passed and o.first_failure().tensor == "grad.transformer.ln_f.weight"
@@ -433,26 +430,15 @@ def port_module(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     (tmp_path / "my_port.py").write_text(textwrap.dedent('''
         import manual
-        from conformance.implementation import Unsupported
+        from conformance.implementation import ModelAdapter, Unsupported
 
-        class Port:
-            def __init__(self, cfg, params):
-                self.m = manual.Model.from_params(cfg, params)
-            def forward(self, ids, targets=None):
-                return self.m.forward(ids, targets)
-            def backward(self):
-                self.m.backward()
-            def zero_grad(self):
-                self.m.zero_grad()
-            params = property(lambda self: self.m.params)
-            grads = property(lambda self: self.m.grads)
-            logits = property(lambda self: self.m.logits)
-            loss = property(lambda self: self.m.loss)
+        class Port(ModelAdapter):
+            capabilities = frozenset({"taps"})
 
         def make(cfg, params):
             if cfg.norm == "post":
                 raise Unsupported("post-LN is not implemented")
-            return Port(cfg, params)
+            return Port(manual.Model.from_params(cfg, params), "manual")
     '''))
     return "my_port:make"
 
@@ -473,7 +459,7 @@ def test_cli_impl_lists_unsupported_and_not_provided(capsys, port_module, tmp_pa
     assert rep["passed"] and rep["unsupported"] == [{"config": "tiny.post_ln/64", "reason": "post-LN is not implemented"}]
     base = rep["configurations"][0]
     assert base["status"] == "compared" and {n["check"] for n in base["not_provided"]} == \
-        {"activation", "activation_grad", "generation", "optimizer"}
+        {"activation_grad", "generation", "optimizer"}
     assert rep["checks"] and all(c["passed"] for c in rep["checks"])
 
 
