@@ -8,8 +8,7 @@ backward on each side; and their comparison in walk order:
     4. (optimizer_walk) the optimizer trajectory of conformance/trajectory.py, step by step,
        stopping after the first step that disagrees.
 
-Every comparison is conformance.compare.compare (the suite's function and tolerances), through
-conformance.external.compare_tensors: masked attention entries are not compared (conformance/conventions.py).
+Every comparison is conformance.compare.compare: the suite's function and tolerances.
 """
 from __future__ import annotations
 
@@ -85,8 +84,10 @@ expected_shapes = external.dump_shapes    # name -> shape for a batch (B, T)
 
 def walk(a: dict, b: dict, cfg: ModelConfig, label: str = "") -> list[Comparison]:
     """Compare tensors `a` (under test) against `b` (reference) in walk order. Names absent from
-    `a` are skipped (a dump may leave some out); absent from `b` is an error of the caller."""
-    return external.compare_tensors(a, b, cfg, label, strict=False)   # with the dump conventions
+    `a` are skipped (a dump may leave some out). The dump conventions apply (conformance/conventions.py):
+    masked attention entries are not compared; a float32 dump of a float64 case is compared at float32's
+    tolerance, with a note."""
+    return external.compare_tensors(a, b, cfg, label, strict=False)
 
 
 def first_failure(rows: list[Comparison]) -> Comparison | None:
