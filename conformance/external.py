@@ -701,34 +701,34 @@ def first_divergent(outcome: Outcome, cfg: ModelConfig) -> str:
     return f"first divergent: {c.tensor}{step} ({c.check}){where}{index}{note}"
 
 
-def print_matrix(outcomes: list[Outcome], cases: list, under_test: str, *, keep: str | None = None,
-                 verbose: int = 0, out=None) -> bool:
-    """One line per configuration (ok / FAIL / ERROR / unsupported), what was not provided, the notes,
-    the masked entries not compared, and a verdict. Returns True when every configuration passed or was
-    declared unsupported and at least one was compared."""
+MATRIX_HEADER = f"{'config':<32} {'result':<12} detail"
+
+
+def outcome_lines(o: Outcome, cfg: ModelConfig, verbose: int = 0) -> list[str]:
+    """The line of one configuration (ok / FAIL / ERROR / unsupported); with verbose, its failing
+    comparisons (-vv: every comparison) below it."""
+    n = len(o.rows)
+    if o.status == "unsupported":
+        result, detail = "unsupported", o.message
+    elif o.status == "error":
+        result, detail = "ERROR", o.message
+    elif o.passed:
+        result, detail = "ok", f"{n} comparisons agree ({o.seconds:.1f} s)"
+    else:
+        result = "FAIL"
+        detail = f"{sum(not c.passed for c in o.rows)} of {n} differ; " + first_divergent(o, cfg)
+    lines = [f"{o.config:<32} {result:<12} {detail}"]
+    if verbose and o.status == "compared":
+        lines += ["    " + c.line() for c in (o.rows if verbose > 1 else [c for c in o.rows if not c.passed])]
+    return lines
+
+
+def print_summary(outcomes: list[Outcome], *, keep: str | None = None, out=None) -> bool:
+    """After the configurations' lines: what was not provided, the notes, the masked entries not
+    compared, and a verdict. Returns True when every configuration passed or was declared unsupported
+    and at least one was compared."""
     import sys
     out = out or sys.stdout
-    cfg_of = {c.name(): c.cfg for c in cases}
-    print(f"conformance of {under_test} against the reference (reference/, PyTorch), "
-          f"{len(outcomes)} configurations", file=out)
-    header = f"{'config':<32} {'result':<12} detail"
-    print(header + "\n" + "-" * 100, file=out)
-    for o in outcomes:
-        n = len(o.rows)
-        if o.status == "unsupported":
-            result, detail = "unsupported", o.message
-        elif o.status == "error":
-            result, detail = "ERROR", o.message
-        elif o.passed:
-            result, detail = "ok", f"{n} comparisons agree ({o.seconds:.1f} s)"
-        else:
-            n_fail = sum(not c.passed for c in o.rows)
-            result = "FAIL"
-            detail = f"{n_fail} of {n} differ; " + first_divergent(o, cfg_of[o.config])
-        print(f"{o.config:<32} {result:<12} {detail}", file=out)
-        if verbose and o.status == "compared":
-            for c in o.rows if verbose > 1 else [c for c in o.rows if not c.passed]:
-                print("    " + c.line(), file=out)
     missing = [(o.config, n) for o in outcomes for n in o.not_provided]
     if missing:
         print("\nnot provided (not compared, never counted as passed):", file=out)
@@ -759,12 +759,11 @@ def print_matrix(outcomes: list[Outcome], cases: list, under_test: str, *, keep:
     print(f"{'PASSED' if passed else 'FAILED'}: {len(compared) - len(bad)} of {len(compared)} configurations agree"
           + (f", {len(unsupported)} declared unsupported" if unsupported else "")
           + ("" if compared else " (nothing was compared)"), file=out)
-    if bad and keep:
-        first = next(o for o in bad if o.status == "compared") if any(o.status == "compared" for o in bad) else None
-        if first is not None:
-            d = Path(keep) / first.config.replace("/", "_")
-            print(f"locate the layer and the wrong side: python -m tools.layerdiff --case {d / 'case'} "
-                  f"--against {d / 'dump.safetensors'}", file=out)
+    first = next((o for o in bad if o.status == "compared"), None)
+    if keep and first is not None:
+        d = Path(keep) / first.config.replace("/", "_")
+        print(f"locate the layer and the wrong side: python -m tools.layerdiff --case {d / 'case'} "
+              f"--against {d / 'dump.safetensors'}", file=out)
     return passed
 
 
@@ -794,7 +793,8 @@ def add_arguments(p) -> None:
     g.add_argument("--impl-optimizer", choices=("sgd", "adamw"), default=TRAIN_OPTIMIZER,
                    help=f"the optimizer of those steps (default {TRAIN_OPTIMIZER})")
     g.add_argument("--impl-keep", metavar="DIR",
-                   help="keep every configuration's case folder and dump under DIR (for python -m tools.layerdiff)")
+                   help="--impl-cmd: keep every configuration's case folder and dump under DIR "
+                        "(for python -m tools.layerdiff --case ... --against ...)")
 
 
 def matrix_main(p, args, cases: list, initializer=None) -> int:
@@ -828,12 +828,19 @@ def matrix_main(p, args, cases: list, initializer=None) -> int:
     jobs = [MatrixJob(case, impl=args.impl, cmd=args.impl_cmd, timeout=args.impl_timeout, steps=steps,
                       optimizer=args.impl_optimizer, keep=args.impl_keep) for case in cases]
     t0 = time.perf_counter()
-    if args.jobs == 1 or len(jobs) == 1:
-        outcomes = [run_job(j) for j in jobs]
-    else:
-        with ProcessPoolExecutor(max_workers=args.jobs, initializer=initializer) as pool:
-            outcomes = list(pool.map(run_job, jobs))
-    passed = print_matrix(outcomes, cases, under_test, keep=args.impl_keep, verbose=args.verbose)
+    print(f"conformance of {under_test} against the reference (reference/, PyTorch), {len(cases)} configurations")
+    print(MATRIX_HEADER + "\n" + "-" * 100, flush=True)
+    outcomes = []
+    pool = ProcessPoolExecutor(max_workers=args.jobs, initializer=initializer) if args.jobs > 1 and len(jobs) > 1 \
+        else None
+    try:   # each configuration's line as soon as it and those before it are done (matrix order)
+        for case, o in zip(cases, pool.map(run_job, jobs) if pool else map(run_job, jobs)):
+            outcomes.append(o)
+            print("\n".join(outcome_lines(o, case.cfg, args.verbose)), flush=True)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    passed = print_summary(outcomes, keep=args.impl_keep)
     print(f"({len(cases)} configurations, {time.perf_counter() - t0:.1f} s)")
     if args.json:
         Path(args.json).write_text(_json.dumps(matrix_json(outcomes, under_test), indent=1))
