@@ -667,6 +667,7 @@ def run_job(job: MatrixJob) -> Outcome:
     params = registry.init_params(cfg, case.seed)
     ids, targets = make_batch(cfg, case.batch, case.T, case.seed, case.pad)
     batches = trajectory_batches(case, job.steps) if job.steps else None
+    keep = None if job.keep is None else Path(job.keep) / label.replace("/", "_")
     if job.impl is not None:
         from .implementation import ImplementationError, check_impl, load_impl
         try:
@@ -675,10 +676,9 @@ def run_job(job: MatrixJob) -> Outcome:
             return failure(label, "load", str(exc))
         t0 = time.perf_counter()
         out = check_impl(factory, cfg, params, ids, targets, label=label, train_batches=batches,
-                         optimizer=job.optimizer)
+                         optimizer=job.optimizer, keep=keep)
         out.seconds = time.perf_counter() - t0
         return out
-    keep = None if job.keep is None else Path(job.keep) / label.replace("/", "_")
     return check_command(job.cmd, cfg, params, ids, targets, label=label, train_batches=batches,
                          optimizer=job.optimizer, timeout=job.timeout, keep=keep)
 
@@ -793,8 +793,8 @@ def add_arguments(p) -> None:
     g.add_argument("--impl-optimizer", choices=("sgd", "adamw"), default=TRAIN_OPTIMIZER,
                    help=f"the optimizer of those steps (default {TRAIN_OPTIMIZER})")
     g.add_argument("--impl-keep", metavar="DIR",
-                   help="--impl-cmd: keep every configuration's case folder and dump under DIR "
-                        "(for python -m tools.layerdiff --case ... --against ...)")
+                   help="keep every configuration's case folder and dump (the program's, or the tensors of "
+                        "--impl) under DIR, for python -m tools.layerdiff --case ... --against ...")
 
 
 def matrix_main(p, args, cases: list, initializer=None) -> int:

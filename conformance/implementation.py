@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from pathlib import Path
 from typing import Callable, Protocol, runtime_checkable
 
 import numpy as np
@@ -312,12 +313,13 @@ GEN_TOKENS = 10
 
 
 def check_impl(factory: Factory, cfg: ModelConfig, params: dict, ids, targets, *, label: str,
-               train_batches: list | None = None, optimizer: str = "sgd"):
+               train_batches: list | None = None, optimizer: str = "sgd", keep=None):
     """Construct the implementation, run one forward + backward and compare every tensor it provides
     with the reference's (conformance.external.compare_tensors, the walk every implementation goes
     through); then generation and optimizer steps if it has them. Returns an external.Outcome: an
     Unsupported factory gives status "unsupported", any exception one failing line, a missing optional
-    capability a "not provided" entry."""
+    capability a "not provided" entry. `keep`: a folder to write the case and the implementation's
+    tensors into (case/, dump.safetensors), for the debugger."""
     from . import external
     from .compare import compare_exact
 
@@ -332,6 +334,10 @@ def check_impl(factory: Factory, cfg: ModelConfig, params: dict, ids, targets, *
         under = run_tensors(impl, cfg, ids, targets)
     except Exception as exc:
         return external.failure(label, "forward/backward", f"{type(exc).__name__}: {exc}")
+    if keep is not None:
+        from manual.checkpoint import save_tensors
+        external.write_case(Path(keep) / "case", cfg, params, ids, targets, label=label)
+        save_tensors(Path(keep) / "dump.safetensors", {k: np.ascontiguousarray(v) for k, v in under.items()})
     ref = external.reference_tensors(cfg, params, ids, targets)
     check = external.check_dump(under, cfg, *np.asarray(ids).shape, strict=True)
     out = external.Outcome(label, rows=external.compare_tensors(check.tensors, ref, cfg, label),

@@ -570,3 +570,16 @@ def test_manual_and_reference_are_implementations():
         assert isinstance(model, Implementation)
         check_members(model)
     assert not isinstance(MissingMembers(cfg, {}), Implementation)
+
+
+def test_impl_keep_writes_what_the_debugger_reads(capsys, tmp_path):
+    class Scaled(OnlyRequired):
+        def backward(self):
+            super().backward()
+            self.model.grads["transformer.h.0.ln_1.bias"] *= 1.5
+    cfg = small_cfg()
+    keep = tmp_path / "keep"
+    o = check_impl(Scaled, cfg, registry.init_params(cfg, 0), *batch(cfg), label="small", keep=keep)
+    assert o.first_failure().tensor == "grad.transformer.h.0.ln_1.bias"
+    p = layerdiff("--case", keep / "case", "--against", keep / "dump.safetensors")
+    assert p.returncode == 1 and "First divergent tensor: grad.transformer.h.0.ln_1.bias" in p.stdout, p.stdout
