@@ -101,7 +101,7 @@ def _bench(*args, timeout=600):
 def test_bench_json_and_plot(tmp_path):
     out, png = tmp_path / "b.json", tmp_path / "b.png"
     r = _bench("--preset", "tiny", "--batch-size", "2", "--seq-len", "8", "--repeats", "20", "--warmup", "1",
-               "--no-compiled", "--json", str(out), "--plot", str(png))
+               "--sides", "manual,reference,plain", "--json", str(out), "--plot", str(png))
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
     assert png.stat().st_size > 10_000
