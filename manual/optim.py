@@ -20,7 +20,7 @@ Two ways to compute AdamW (`AdamW(..., exact=...)`):
   tensor, and no allocation; the per-tensor torch mirror is ~15 calls and ~6 temporaries per
   tensor. torch's CPU kernels fuse `lerp` and `addcmul` (one rounding, `vec::fmadd`); here they
   round twice, so float32 results land within a few ulp of torch's per step (tests/test_optim.py).
-- exact=True: the per-tensor torch mirror (`AdamW._update_exact`), bit-identical to torch in
+- exact=True: the per-tensor torch mirror (the exact branch of `AdamW._update`), bit-identical to torch in
   float32 once torch's sqrt is substituted (torch's CPU sqrt, MKL, is not correctly rounded:
   1 ulp off for about one float32 input in six). It reproduces torch's kernels in three details:
   1. a Python-float hyperparameter is rounded to the array's dtype before it touches the array
@@ -92,39 +92,28 @@ class AdamW(Optimizer):
 
     def _update(self, name, p, g, group):
         """One parameter's update (the per-tensor path)."""
-        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         st = self.state.get(name)
         if st is None:
             st = self.state[name] = {"step": 0, "exp_avg": np.zeros_like(p), "exp_avg_sq": np.zeros_like(p)}
         st["step"] += 1
-        if self.exact:
-            self._update_exact(p, g, st, lr, beta1, beta2, eps, wd)
-            return
-        update, scratch = np.empty_like(g), np.empty_like(g)
-        _adamw_chunk(g, st["exp_avg"], st["exp_avg_sq"], update, scratch, *_adamw_scalars(group, st["step"]))
-        if wd != 0:
-            p *= p.dtype.type(1 - lr * wd)                       # param.mul_(1 - lr * weight_decay)
-        p += update                                              # param.addcdiv_(exp_avg, denom, value=-step_size)
-
-    def _update_exact(self, p, g, st, lr, beta1, beta2, eps, wd):
-        """The torch mirror, operation for operation (module docstring, points 1-3)."""
+        exp_avg, exp_avg_sq = st["exp_avg"], st["exp_avg_sq"]
+        beta1, beta2, eps, step_size, bias_correction2_sqrt = _adamw_scalars(group, st["step"])
         one = p.dtype.type                      # Python-float scalars are rounded to this dtype
-        exp_avg, exp_avg_sq, step = st["exp_avg"], st["exp_avg_sq"], st["step"]
-        if wd != 0:
+        if group["weight_decay"] != 0:
             # param.mul_(1 - lr * weight_decay)
-            p *= one(1 - lr * wd)
+            p *= one(1 - group["lr"] * group["weight_decay"])
+        if not self.exact:
+            update, scratch = np.empty_like(g), np.empty_like(g)
+            _adamw_chunk(g, exp_avg, exp_avg_sq, update, scratch, beta1, beta2, eps, step_size,
+                         bias_correction2_sqrt)
+            p += update                          # param.addcdiv_(exp_avg, denom, value=-step_size)
+            return
+        # exact: the torch mirror, operation for operation (module docstring, points 1-3)
         # exp_avg.lerp_(grad, 1 - beta1)
         _lerp_(exp_avg, g, 1 - beta1)
         # exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         exp_avg_sq *= one(beta2)
         _addcmul_(exp_avg_sq, g, g, 1 - beta2)
-
-        # Python floats, as in torch's non-capturable path
-        bias_correction1 = 1 - beta1 ** step
-        bias_correction2 = 1 - beta2 ** step
-        step_size = lr / bias_correction1
-        bias_correction2_sqrt = bias_correction2 ** 0.5
-
         # denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
         denom = _sqrt(exp_avg_sq)
         denom /= one(bias_correction2_sqrt)
@@ -190,7 +179,8 @@ class AdamW(Optimizer):
 
 
 def _adamw_scalars(group: dict, step: int) -> tuple:
-    """The step's scalars, computed in Python floats as torch's non-capturable path does."""
+    """(beta1, beta2, eps, step_size, sqrt(bias_correction2)): Python floats, as in torch's
+    non-capturable path (bias_correction_i = 1 - beta_i ** step, step_size = lr / bias_correction1)."""
     beta1, beta2 = group["betas"]
     bias_correction1 = 1 - beta1 ** step
     bias_correction2 = 1 - beta2 ** step
