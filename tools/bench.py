@@ -384,10 +384,10 @@ def main(argv=None) -> int:
     ids, targets = make_batch(cfg, B, T, seed=0)
     sides, skipped = make_sides(cfg, ids, targets, names)
 
-    if args.profile:
-        return profile(sides["manual"], args, B, T)
-
     clock = time.perf_counter if args.clock == "wall" else time.process_time
+    if args.profile:
+        return profile(sides["manual"], args, B, T, clock)
+
     peak = matmul_peak(args.dtype, clock)
     times = time_steps(sides, args.repeats, args.warmup, clock)
     fpt = flops_per_token(cfg, T)
@@ -409,27 +409,28 @@ def main(argv=None) -> int:
     return 0
 
 
-def profile(side: Side, args, B: int, T: int) -> int:
+def profile(side: Side, args, B: int, T: int, clock) -> int:
     """cProfile the manual side's phase: the functions by own time, then manual/ functions by total time."""
     import cProfile
     import pstats
 
-    run = side.step if args.profile == "step" else {"forward": side.forward, "optimizer": side.optimizer,
-                                                     "backward": lambda: (side.forward(), side.backward())}[args.profile]
+    phases = [side.zero_grad, side.forward, side.backward, side.optimizer]
+    first = {"step": 0, "forward": 1, "backward": 2, "optimizer": 3}[args.profile]
+    last = 4 if args.profile == "step" else first + 1
     for _ in range(args.warmup):
         side.step()
-    prof = cProfile.Profile()
+    prof = cProfile.Profile(clock)
     for _ in range(args.repeats):
-        side.zero_grad()
-        if args.profile in ("optimizer",):
-            side.forward()
-            side.backward()
+        for call in phases[:first]:                 # the phases before the profiled one, not profiled
+            call()
         prof.enable()
-        run()
+        for call in phases[first:last]:
+            call()
         prof.disable()
-    note = " (backward is profiled with its forward)" if args.profile == "backward" else ""
-    print(f"manual, {args.profile}{note}, preset {args.preset}, dtype {args.dtype}, B={B} T={T}, "
-          f"{args.repeats} runs (cProfile; times include its overhead)")
+        for call in phases[last:]:
+            call()
+    print(f"manual, {args.profile}, preset {args.preset}, dtype {args.dtype}, B={B} T={T}, "
+          f"{args.repeats} runs (cProfile, {args.clock} clock; times include its overhead)")
     stats = pstats.Stats(prof)
     stats.sort_stats("tottime").print_stats(25)
     stats.sort_stats("cumulative").print_stats("manual", 30)
