@@ -54,6 +54,7 @@ from tools._args import int_at_least, set_blas_threads
 PHASES = ("forward", "backward", "optimizer", "step")
 SIDES = ("manual", "reference", "plain", "compiled")
 LR, WEIGHT_DECAY, CLIP = 1e-4, 0.01, 1.0
+PROFILE_ALIASES = {"train_step": (0, 4), "forward+backward": (1, 3)}   # earlier names: (first, last) phase
 FLOP_CONVENTION = ("6N + 12*L*T*C per token (nanoGPT's estimate_mfu): N = parameters except the position "
                    "table wpe (tied wte counted once), L layers, T sequence length, C d_model")
 
@@ -351,7 +352,9 @@ def parse_args(argv):
     p.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated subset of {','.join(SIDES)}")
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                    help="wall: elapsed time; cpu: this process's CPU time (robust on a busy machine)")
-    p.add_argument("--profile", choices=PHASES, help="cProfile the manual side of this phase and print the top functions")
+    p.add_argument("--profile", choices=[*PHASES, *PROFILE_ALIASES],
+                   help="cProfile the manual side of this phase and print the top functions "
+                        "(train_step = step; forward+backward profiles both)")
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--plot", metavar="PNG")
     return p, p.parse_args(argv)
@@ -415,8 +418,8 @@ def profile(side: Side, args, B: int, T: int, clock) -> int:
     import pstats
 
     phases = [side.zero_grad, side.forward, side.backward, side.optimizer]
-    first = {"step": 0, "forward": 1, "backward": 2, "optimizer": 3}[args.profile]
-    last = 4 if args.profile == "step" else first + 1
+    first, last = PROFILE_ALIASES.get(args.profile) or \
+        {"step": (0, 4), "forward": (1, 2), "backward": (2, 3), "optimizer": (3, 4)}[args.profile]
     for _ in range(args.warmup):
         side.step()
     prof = cProfile.Profile(clock)
