@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
@@ -37,3 +38,17 @@ def checkpoint_in(path) -> Path:
     """A checkpoint file as given, or CHECKPOINT_NAME inside a folder (existence is checked by the loader)."""
     p = Path(path)
     return p / CHECKPOINT_NAME if p.is_dir() else p
+
+
+def read_header_metadata(path, limit: int = 2**24) -> dict:
+    """The __metadata__ of a safetensors file, read with the standard library only (no NumPy), for
+    what must be known before NumPy is imported (the thread count of a run being resumed). The full,
+    checked read is manual.checkpoint.load_tensors; this one raises OSError / ValueError at the first
+    problem and reads at most `limit` bytes of header."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if not 0 < n <= limit:
+            raise ValueError(f"{path}: safetensors header of {n} bytes")
+        header = json.loads(f.read(n))
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return meta if isinstance(meta, dict) else {}
