@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from pathlib import Path
 
@@ -28,6 +29,20 @@ def int_at_least(low: int, what: str = ""):
             raise argparse.ArgumentTypeError(f"must be an integer >= {low}{what}, got {value}")
         return value
     parse.__name__ = f"int>={low}"
+    return parse
+
+
+def float_at_least(low: float = 0.0, strict: bool = False):
+    """An argparse type: a finite float >= low (> low when strict); NaN and infinities are refused."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be a finite number {'>' if strict else '>='} {low:g}, got {text}")
+        return value
+    parse.__name__ = "number"
     return parse
 
 

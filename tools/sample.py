@@ -68,20 +68,17 @@ def main(argv=None) -> int:
     from manual.tokenizer import UNK, tokenizer_from_json
 
     path = checkpoint_in(args.checkpoint)
-    try:
-        cfg, params, _extras, meta = load_model(path)
-    except CheckpointError as exc:
-        parser.error(f"argument CHECKPOINT: {exc}")
+    cfg, params, _extras, meta = load_model(path)       # a CheckpointError: one line, exit 2 (tools/_cli.py)
     if "tokenizer" not in meta:
-        parser.error(f"argument CHECKPOINT: {path} holds no tokenizer (metadata 'tokenizer'); "
-                     f"use a checkpoint written by tools/train.py")
+        raise CheckpointError(f"{path} holds no tokenizer (metadata 'tokenizer'); "
+                              f"use a checkpoint written by tools/train.py")
     try:
         tok = tokenizer_from_json(meta["tokenizer"])
     except ValueError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     if tok.vocab_size != cfg.vocab_size:
-        parser.error(f"argument CHECKPOINT: the tokenizer has {tok.vocab_size} tokens but the model's "
-                     f"vocab_size is {cfg.vocab_size}")
+        raise CheckpointError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the model's "
+                              f"vocab_size is {cfg.vocab_size}")
 
     prompt = tok.encode(args.prompt)                                              # (N,)
     if len(prompt) == 0:

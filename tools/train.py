@@ -50,8 +50,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools._args import (CHECKPOINT_NAME, checkpoint_in, int_at_least, read_header_metadata,  # noqa: E402
-                         set_blas_threads)
+from tools._args import (CHECKPOINT_NAME, checkpoint_in, float_at_least, int_at_least,  # noqa: E402
+                         read_header_metadata, set_blas_threads)
 from tools._cli import CLIError, cli, output_dir, output_file, save_figure, write_output  # noqa: E402
 
 # arguments that belong to one session and are never taken from the checkpoint on --resume
@@ -59,23 +59,6 @@ from tools._cli import CLIError, cli, output_dir, output_file, save_figure, writ
 SESSION_ONLY = {"resume", "stop_at", "json", "plot", "quiet", "time_limit"}
 MODEL_FLAGS = ("d_model", "n_heads", "d_ff", "n_layers", "max_seq_len", "norm", "activation", "bias",
                "tie_embeddings", "n_future", "attention")
-
-
-# ----------------------------------------------------------------------------------------------
-# argument types: each error names the value
-
-
-def _float(low: float = 0.0, strict: bool = False):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not math.isfinite(value) or value < low or (strict and value == low):
-            raise argparse.ArgumentTypeError(f"must be a finite number {'>' if strict else '>='} {low:g}, got {text}")
-        return value
-    parse.__name__ = "number"
-    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--data", metavar="FILE", help="a UTF-8 text file (default: the embedded corpus)")
     src.add_argument("--synthetic", type=int_at_least(2), metavar="N",
                      help="a deterministic synthetic corpus of N characters (fast tests)")
-    g.add_argument("--val-fraction", type=_float(0.0, strict=True), default=0.1,
+    g.add_argument("--val-fraction", type=float_at_least(0.0, strict=True), default=0.1,
                    help="the last part of the token stream that validates (default 0.1)")
     g.add_argument("--seed", type=int_at_least(0), default=0, help="initial weights and batch order (default 0)")
     g = p.add_argument_group("training")
@@ -119,18 +102,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int_at_least(1), help="passes over the training windows (default 1)")
     g.add_argument("--max-steps", type=int_at_least(1), help="updates (caps --epochs when both are given)")
     g.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
-    g.add_argument("--lr", type=_float(0.0, strict=True), default=3e-3, help="peak learning rate (default 3e-3)")
-    g.add_argument("--weight-decay", type=_float(), default=0.0,
+    g.add_argument("--lr", type=float_at_least(0.0, strict=True), default=3e-3, help="peak learning rate (default 3e-3)")
+    g.add_argument("--weight-decay", type=float_at_least(), default=0.0,
                    help="decoupled (AdamW) / L2 (SGD) decay of the matrices only (registry.decay_groups)")
-    g.add_argument("--momentum", type=_float(), default=0.0, help="SGD momentum (default 0)")
+    g.add_argument("--momentum", type=float_at_least(), default=0.0, help="SGD momentum (default 0)")
     g.add_argument("--schedule", choices=("constant", "cosine"), default="constant")
     g.add_argument("--warmup", type=int_at_least(0), default=0, help="linear warm-up steps (default 0)")
-    g.add_argument("--min-lr-ratio", type=_float(), default=0.1,
+    g.add_argument("--min-lr-ratio", type=float_at_least(), default=0.1,
                    help="cosine: the final learning rate as a fraction of --lr (default 0.1)")
-    g.add_argument("--clip-norm", type=_float(), default=1.0,
+    g.add_argument("--clip-norm", type=float_at_least(), default=1.0,
                    help="clip the global gradient norm to this (the blog's 1.0; 0 = off)")
-    g.add_argument("--clip-value", type=_float(), default=0.0, help="clamp every gradient to [-v, v] (0 = off)")
-    g.add_argument("--time-limit", type=_float(0.0, strict=True), metavar="SECONDS",
+    g.add_argument("--clip-value", type=float_at_least(), default=0.0, help="clamp every gradient to [-v, v] (0 = off)")
+    g.add_argument("--time-limit", type=float_at_least(0.0, strict=True), metavar="SECONDS",
                    help="stop (and save) after this much wall time")
     g = p.add_argument_group("evaluation and output")
     g.add_argument("--eval-every", type=int_at_least(0), default=100,
@@ -225,12 +208,12 @@ def _read_resume(parser, where: str) -> dict:
     try:
         path = resolve_checkpoint(where)
         cfg, params, extras, meta = load_model(path)
-    except (FileNotFoundError, CheckpointError) as exc:
-        parser.error(f"argument --resume: {exc}")
+    except FileNotFoundError as exc:
+        raise CLIError(f"--resume: {exc}") from None
     missing = [k for k in ("train_args", "tokenizer", "optimizer", "train_state") if k not in meta]
     if missing:
-        parser.error(f"argument --resume: {path} has no {missing} metadata; it is not a training "
-                     f"checkpoint written by tools/train.py")
+        raise CheckpointError(f"{path} has no {missing} metadata; it is not a training "
+                              f"checkpoint written by tools/train.py")
     try:
         saved = _check_saved_args(parser, load_json_object(meta["train_args"], "train_args"))
     except ValueError as exc:
