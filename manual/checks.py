@@ -64,14 +64,17 @@ def check_finite(tensors: Mapping, where: str, what: str = "tensor", hint: str =
         raise NonFiniteError(f"{where}: {found}{hint}")
 
 
-def check_model_args(cfg, params=None) -> None:
+_NO_PARAMS = object()
+
+
+def check_model_args(cfg, params=_NO_PARAMS) -> None:
     """The arguments of Model(cfg) / Model.from_params(cfg, params), on both sides: TypeError when
     cfg is not a ModelConfig or params is not a mapping of names to NumPy arrays."""
     from .config import ModelConfig
 
     if not isinstance(cfg, ModelConfig):
         raise TypeError(f"cfg must be a ModelConfig, got {type(cfg).__name__}")
-    if params is None:
+    if params is _NO_PARAMS:
         return
     if not isinstance(params, Mapping):
         raise TypeError(f"params must be a mapping of canonical names to NumPy arrays, got {type(params).__name__}")

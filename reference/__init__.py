@@ -76,6 +76,7 @@ class Model:
     """The reference model behind the shared Model interface (NumPy in, NumPy out)."""
 
     def __init__(self, cfg: ModelConfig, seed: int = 0):
+        check_model_args(cfg)
         self._setup(cfg, init_params(cfg, seed))
 
     @classmethod
