@@ -167,7 +167,7 @@ def _dtype_name(value):
         return value
     try:
         name = np.dtype(value).name
-    except TypeError:
+    except (TypeError, ValueError, KeyError, AttributeError, RecursionError):
         return value
     return name if name in DTYPES and value is not None else value
 

@@ -281,6 +281,9 @@ class Trainer:
         """Continue from a checkpoint: optimizer state from its `optim.*` tensors and "optimizer"
         metadata, and the training state. (The parameters are the model's: build the model from
         the same checkpoint.) `path`, the file read, counts as the last good checkpoint."""
+        found = describe_nonfinite(self.model.params, "parameter")
+        if found is not None:          # never call a non-finite checkpoint "the last good one"
+            raise ValueError(f"cannot resume from {path or 'the checkpoint'}: {found}")
         missing = [k for k in ("optimizer", "train_state") if k not in metadata]
         if missing:
             raise ValueError(f"the checkpoint has no {missing} metadata: it is a model checkpoint, not a "
@@ -293,9 +296,6 @@ class Trainer:
             raise ValueError(f"the checkpoint is at batch {self.state.batch} of epoch {self.state.epoch}, but an "
                              f"epoch now has only {len(self.batches)} batches: the data or batch size changed")
         if path is not None:
-            found = describe_nonfinite(self.model.params, "parameter")
-            if found is not None:      # never call a non-finite checkpoint "the last good one"
-                raise ValueError(f"cannot resume from {path}: {found}")
             self.last_checkpoint, self.last_checkpoint_step = str(path), self.state.step
 
     def _check_params_finite(self) -> None:

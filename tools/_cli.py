@@ -28,6 +28,7 @@ import functools
 import io
 import os
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 
@@ -98,8 +99,18 @@ def _writable_dir(folder: Path, flag: str, path) -> None:
         raise CLIError(f"{flag} {path}: the folder {folder} does not exist (create it first)")
     if not folder.is_dir():
         raise CLIError(f"{flag} {path}: {folder} is a file, not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise CLIError(f"{flag} {path}: the folder {folder} is not writable")
+    _probe(folder, flag, path)
+
+
+def _probe(folder: Path, flag: str, path) -> None:
+    """Create and remove a temp file in `folder`: the one test that is right for root, read-only mounts
+    and ACLs alike (os.access is not)."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".write-test.", dir=folder)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise CLIError(f"{flag} {path}: cannot write in the folder {folder} ({exc.strerror or exc})") from None
 
 
 def output_file(path, flag: str) -> Path | None:
@@ -127,8 +138,7 @@ def output_dir(path, flag: str) -> Path | None:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CLIError(f"{flag} {path}: cannot create the folder ({exc.strerror or exc})") from None
-    if not os.access(p, os.W_OK | os.X_OK):
-        raise CLIError(f"{flag} {path}: the folder is not writable")
+    _probe(p, flag, path)
     return p
 
 
