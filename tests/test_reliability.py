@@ -321,7 +321,6 @@ def test_sigkill_then_resume_with_another_thread_count_is_documented(tmp_path):
     assert sorted(a) == sorted(b)
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
-    assert not [p for p in part.iterdir() if p.name.endswith(".tmp")] or True   # a killed save's temp may stay
 
 
 # ================================================================================================
@@ -471,6 +470,7 @@ def test_broken_pipe_is_quiet(ckpt):
                          env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     p.stdout.close()                                     # `... | head` that has read nothing
     err = p.stderr.read().decode()
+    p.stderr.close()
     assert p.wait(timeout=60) == 141 and err == "", err
 
 
@@ -530,12 +530,13 @@ def test_debug_forward_names_the_first_nonfinite_tap():
     params = manual.Model(cfg).params
     params["transformer.h.0.ln_2.weight"][0] = np.inf
     model = manual.Model.from_params(cfg, params, debug=True)
-    with pytest.raises(manual.model.DebugCheckError, match=r"after forward, tap h.0.ln_2.out contains"):
+    with pytest.raises(manual.model.DebugCheckError, match=r"after forward, tap h.0.ln_2.out contains"), \
+            np.errstate(all="ignore"):
         model.forward(np.array([[1, 2, 3]]), np.array([[2, 3, 4]]))
 
 
 @pytest.mark.parametrize("save_every,expected", [
-    (0, r"the loss is nan at step 3 .*; the first non-finite tap: h\.0\.attn\.out holds \\d+ non-finite value"),
+    (0, r"the loss is nan at step 3 .*; the first non-finite tap: h\.0\.attn\.out holds \d+ non-finite value"),
     (1, r"non-finite parameters after step 2: parameter transformer\.h\.0\.attn\.c_proj\.weight holds 1 "
         r"non-finite value\(s\), the first at \(0, 0\) \(nan\).*the last good checkpoint .* \(step 1\) is kept"),
 ])
