@@ -33,8 +33,10 @@ def check_generate_inputs(prompt, max_new_tokens: int, temperature: float, top_k
     if uniforms is None:
         uniforms = uniform_stream(seed, max_new_tokens)
     uniforms = np.asarray(uniforms, dtype=np.float64)
-    if uniforms.ndim != 1 or len(uniforms) < max_new_tokens:
-        raise ValueError(f"{uniforms.size} uniform draws (shape {uniforms.shape}) for {max_new_tokens} tokens")
+    if uniforms.ndim != 1:
+        raise ValueError(f"uniform draws must be 1-D, got shape {uniforms.shape}")
+    if len(uniforms) < max_new_tokens:
+        raise ValueError(f"{len(uniforms)} uniform draws for {max_new_tokens} tokens")
     outside = ~((uniforms >= 0) & (uniforms < 1))              # NaN is outside too
     if outside.any():
         i = int(np.argmax(outside))

@@ -690,3 +690,26 @@ def test_fuzz_train_state_and_cli_args(ckpt, data, capsys):
     assert code in (0, 2)
     err = capsys.readouterr().err
     assert "Traceback" not in err
+
+
+@HSET
+@given(data=st.data())
+def test_fuzz_model_arguments_give_the_same_error_on_both_sides(data):
+    cfg = small_cfg()
+    params = dict(manual.Model(cfg).params)
+    shapes = {k: v.shape for k, v in params.items()}
+    for _ in range(data.draw(st.integers(1, 3))):
+        name = data.draw(st.sampled_from(sorted(params) + ["extra.weight"]))
+        params[name] = data.draw(st.sampled_from([
+            None, 1.0, [1.0], np.zeros(3, np.float32), np.zeros((16,), np.float64), np.zeros((), np.float32),
+            np.zeros(shapes.get(name, (1,)), np.float32), np.array(["x"])]))
+    if data.draw(st.booleans()):
+        del params[data.draw(st.sampled_from(sorted(params)))]
+    outcomes = []
+    for Model in IMPLS:
+        try:
+            Model.from_params(cfg, params)
+            outcomes.append("ok")
+        except (TypeError, ValueError) as exc:
+            outcomes.append(type(exc))
+    assert outcomes[0] == outcomes[1], outcomes
