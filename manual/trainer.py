@@ -348,7 +348,8 @@ class Trainer:
         """Train until total_steps (or until step `stop_at`, as if interrupted there).
 
         Evaluates before the first step (the initial validation loss, once per run), every
-        eval_every steps and after the last one; saves every save_every steps and at the end.
+        eval_every steps and where the run ends; saves every save_every steps and at the end, where
+        the checkpoint is written before the final evaluation and again after it.
         """
         st = self.state
         stopped, message = "finished", f"finished {self.total_steps} steps"

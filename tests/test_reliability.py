@@ -192,7 +192,12 @@ def test_float32_underflowing_config_values_are_refused(field, value):
         assert getattr(ModelConfig.preset("tiny", dtype="float64", **{field: value}), field) == value
 
 
-def test_resume_without_threads_restores_the_runs_thread_count(tmp_path, capsys):
+def test_resume_without_threads_restores_the_runs_thread_count(tmp_path, capsys, monkeypatch):
+    """In process: which count each session applies (the SIGKILL test below runs real processes)."""
+    applied = []
+    monkeypatch.setattr(train, "_limit_threads", applied.append)     # keep this pytest process as it is
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.setenv(var, os.environ.get(var, "1"))
     out = tmp_path / "t"
     assert train.main(FAST + ["--max-steps", "4", "--stop-at", "2", "--threads", "2", "--out", str(out),
                               "--json", str(tmp_path / "a.json")]) == 0
@@ -203,6 +208,7 @@ def test_resume_without_threads_restores_the_runs_thread_count(tmp_path, capsys)
                        "--json", str(tmp_path / "c.json")]) == 0
     err = capsys.readouterr().err
     assert "this session uses --threads 1, the run was started with --threads 2" in err
+    assert applied == [2, 2, 1]
 
 
 # ================================================================================================
