@@ -288,7 +288,10 @@ class Trainer:
         if missing:
             raise ValueError(f"the checkpoint has no {missing} metadata: it is a model checkpoint, not a "
                              f"training checkpoint, so training cannot resume from it exactly")
-        self.optimizer.load_state_dict(extras, load_json_object(metadata["optimizer"], "optimizer metadata"))
+        try:
+            self.optimizer.load_state_dict(extras, load_json_object(metadata["optimizer"], "optimizer metadata"))
+        except (KeyError, TypeError, AttributeError, IndexError) as exc:   # a field of the wrong type or missing
+            raise ValueError(f"the checkpoint's optimizer metadata does not fit: {type(exc).__name__}: {exc}") from None
         self.state = TrainState.from_json(metadata["train_state"])
         if self.state.step > self.total_steps:
             raise ValueError(f"the checkpoint is at step {self.state.step}, past total_steps {self.total_steps}")

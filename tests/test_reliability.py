@@ -719,3 +719,38 @@ def test_fuzz_model_arguments_give_the_same_error_on_both_sides(data):
         except (TypeError, ValueError) as exc:
             outcomes.append(type(exc))
     assert outcomes[0] == outcomes[1], outcomes
+
+
+_opt_value = st.one_of(_json, st.lists(_json, max_size=2), st.dictionaries(st.text(max_size=4), _json, max_size=2))
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzz_train_cli_args_and_optimizer_metadata(ckpt, tmp_path_factory, data, capsys):
+    """train.py with drawn flag values (each run 1-2 steps) and resumes from drawn optimizer metadata:
+    exit 0, 1 (the documented non-finite stop) or 2 (bad input, one line), never a traceback."""
+    tmp = tmp_path_factory.mktemp("fzt")
+    flag, value = data.draw(st.sampled_from([
+        ("--lr", st.sampled_from(["nan", "-1", "0", "1e308", "1e-320", "x", "1e3"])),
+        ("--max-seq-len", st.sampled_from(["0", "1", "2", "100000", "10**9", "-5"])),
+        ("--batch-size", st.sampled_from(["0", "1", "100000", "1.5"])),
+        ("--val-fraction", st.sampled_from(["0", "1", "0.999", "nan", "2"])),
+        ("--eval-windows", st.sampled_from(["0", "1", "-1"])),
+        ("--clip-norm", st.sampled_from(["0", "inf", "1e-300"])),
+        ("--n-heads", st.sampled_from(["3", "0", "16"])),
+        ("--warmup", st.sampled_from(["0", "1000000", "-1"])),
+    ]))
+    argv = FAST + ["--max-steps", "2", "--out", str(tmp / "o"), flag, data.draw(value)]
+    if data.draw(st.booleans()):
+        meta = json.loads(load_tensors(ckpt)[1]["optimizer"])
+        meta[data.draw(st.sampled_from(sorted(meta) + ["kind", "groups", "steps"]))] = data.draw(_opt_value)
+        rewrite(ckpt, tmp / train.CHECKPOINT_NAME, optimizer=json.dumps(meta))
+        argv = ["--resume", str(tmp), "--max-steps", "6", "--quiet", "--out", str(tmp / "o")]
+    try:
+        code = train.main(argv)
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code in (0, 1, 2) and "Traceback" not in err, err
+    if code == 2 and "usage:" not in err:
+        one_line_error(err, "train.py")
