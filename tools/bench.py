@@ -50,6 +50,7 @@ import time
 from pathlib import Path
 
 from tools._args import int_at_least, set_blas_threads
+from tools._cli import cli, output_file, write_output
 
 PHASES = ("forward", "backward", "optimizer", "step")
 SIDES = ("manual", "reference", "plain", "compiled")
@@ -360,8 +361,11 @@ def parse_args(argv):
     return p, p.parse_args(argv)
 
 
+@cli("bench.py")
 def main(argv=None) -> int:
     p, args = parse_args(argv)
+    output_file(args.json, "--json")            # checked before any work (tools/_cli.py): one line, exit 2
+    output_file(args.plot, "--plot")
     set_blas_threads(args.threads)              # before NumPy and torch load (they read it once)
     from manual.config import PRESETS
     if args.preset not in PRESETS:
@@ -404,7 +408,7 @@ def main(argv=None) -> int:
     res["ratios"] = ratios(res["sides"])
     print_report(res)
     if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1))
+        write_output(args.json, json.dumps(res, indent=1))
         print(f"wrote {args.json}")
     if args.plot:
         plot(res, args.plot)

@@ -41,16 +41,15 @@ import tracemalloc
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from conformance import memory as cmem  # noqa: E402
-from conformance.engine import make_batch  # noqa: E402
-from manual import memory as mmem  # noqa: E402
-from manual.config import PRESETS, ModelConfig  # noqa: E402
-from tools._args import float_at_least  # noqa: E402
-from tools._cli import cli, output_file, write_output  # noqa: E402
+from conformance import memory as cmem
+from conformance.engine import make_batch
+from manual import memory as mmem
+from manual.config import PRESETS, ModelConfig
+from tools._args import float_at_least
+from tools._cli import cli, output_file, write_output
 
 PHASES, CATEGORIES = cmem.PHASES, cmem.CATEGORIES
 IMPLS = ("manual", "reference")

@@ -23,12 +23,10 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools._args import CHECKPOINT_NAME, checkpoint_in, int_at_least  # noqa: E402
-from tools._cli import cli  # noqa: E402
+from tools._args import CHECKPOINT_NAME, checkpoint_in, int_at_least
+from tools._cli import cli
 
 
 def _temperature(text: str) -> float:

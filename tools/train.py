@@ -48,11 +48,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools._args import (CHECKPOINT_NAME, checkpoint_in, float_at_least, int_at_least,  # noqa: E402
+from tools._args import (CHECKPOINT_NAME, checkpoint_in, float_at_least, int_at_least,
                          read_header_metadata, set_blas_threads)
-from tools._cli import CLIError, cli, output_dir, output_file, save_figure, write_output  # noqa: E402
+from tools._cli import CLIError, cli, output_dir, output_file, save_figure, write_output
 
 # arguments that belong to one session and are never taken from the checkpoint on --resume
 # (--threads is not one of them: a resumed run keeps the run's thread count, see the docstring)
