@@ -39,7 +39,7 @@ class AttentionCache(NamedTuple):
     qkv: np.ndarray            # 2. (B, T, 3C) q | k | v
     n_heads: int               # 2. H
     probs: np.ndarray | None   # 4. standard: (B, H, T, T) softmax; None for flash
-    lse: np.ndarray | None     # 4. flash: (B, H, T) row log-sum-exp of the masked att; None for standard
+    lse: np.ndarray | None     # 4. flash: (B, H, T) row log-sum-exp of the masked att minus m0; None for standard
     block: int                 # flash: keys per block
     c_proj: LinearCache        # 7. x = ctx (B, T, C), W = Wo
 
@@ -146,10 +146,14 @@ def attention_backward(dout, cache, dW_attn, db_attn, dW_proj, db_proj, record=N
 # -- flash attention: the same steps 3-5, blocked over keys ------------------------------------
 
 def _flash_forward(q, k, v, scale, block):
-    """Online softmax over key blocks. Returns y (B, H, T, D) and lse (B, H, T).
+    """Online softmax over key blocks. Returns y (B, H, T, D) and lse - m0 (B, H, T).
 
     Queries i < j0 cannot see any key of the block [j0, j1), so each block only touches rows
     i >= j0 (the causal half of the work is skipped).
+    m0 is the row max of the first key block (every row sees key 0), which backward recomputes bit
+    for bit. Keeping lse - m0 = (m - m0) + log l rather than lse keeps its digits: with scores near
+    6.5e3 a float32 lse is off by up to 2^-12 (half its spacing there), an error every recomputed
+    exp(att - lse) of the row shares; lse - m0 is log l alone when T <= block.
     """
     B, H, T, D = q.shape
     m = np.full((B, H, T, 1), -np.inf, dtype=q.dtype)          # (B, H, T, 1) running row max
@@ -163,6 +167,8 @@ def _flash_forward(q, k, v, scale, block):
         s += _causal_mask(T, s.dtype)[j0:, j0:j1]
         # 4. online softmax: rescale what was accumulated with the old max
         m_new = np.maximum(m[:, :, j0:], s.max(axis=-1, keepdims=True))  # (B, H, T-j0, 1), finite (key j0 <= row)
+        if j0 == 0:
+            m0 = m_new                                         # (B, H, T, 1) the first block's row max
         corr = np.exp(m[:, :, j0:] - m_new)                    # (B, H, T-j0, 1); exp(-inf) = 0 on the first block
         s -= m_new
         p = np.exp(s, out=s)                                   # (B, H, T-j0, j1-j0)
@@ -173,12 +179,12 @@ def _flash_forward(q, k, v, scale, block):
         acc[:, :, j0:] += p @ v[:, :, j0:j1]
         m[:, :, j0:] = m_new
     acc /= l                                                   # y (B, H, T, D)
-    lse = (m + np.log(l))[..., 0]                              # (B, H, T)
+    lse = ((m - m0) + np.log(l))[..., 0]                       # (B, H, T) lse - m0
     return acc, lse
 
 
 def _flash_backward(dy, q, k, v, y, lse, scale, block):
-    """Recomputes each block of probs = exp(att - lse) and returns dq, dk, dv (B, H, T, D).
+    """Recomputes each block of probs = exp((att - m0) - (lse - m0)) and returns dq, dk, dv (B, H, T, D).
 
     Uses sum_j p_ij dp_ij = dy_i . y_i (the softmax backward's row sum without the (T, T) matrix).
     """
@@ -194,7 +200,10 @@ def _flash_backward(dy, q, k, v, y, lse, scale, block):
         s = qi @ kj.transpose(0, 1, 3, 2)                      # (B, H, T-j0, j1-j0)
         s *= scale
         s += _causal_mask(T, s.dtype)[j0:, j0:j1]
-        s -= lse[:, :, j0:, None]
+        if j0 == 0:
+            m0 = s.max(axis=-1, keepdims=True)                 # (B, H, T, 1) the forward's m0, bit for bit
+        s -= m0[:, :, j0:]
+        s -= lse[:, :, j0:, None]                              # (the cached lse - m0)
         p = np.exp(s, out=s)                                   # (B, H, T-j0, j1-j0)
         # 5. y = probs v
         dv[:, :, j0:j1] = p.transpose(0, 1, 3, 2) @ dyi        # (B, H, j1-j0, D)
