@@ -9,9 +9,10 @@ reference.model.LayerNorm, in float64), so token embeddings x 1e21 and x 1e30 gi
 the same tap, and debug mode names that tap.
 
 Flash attention. Scores near 6.5e3 in float32: the flash backward recomputes probs from a cached
-row statistic; caching lse itself rounded it to float32's spacing at 6.5e3 (2^-11), an error
-shared by the whole row; the cache now holds lse - m0 (manual/layers/attention.py, _flash_forward).
-The tests measure manual standard, manual flash and the reference (both paths) against float64.
+row statistic, lse, which float32 rounds to its spacing at 6.5e3 (2^-11): exp(att - lse) was off by
+one factor for the whole row. Backward now divides by the row sum of the recomputed probs
+(manual/layers/attention.py, _flash_backward). The tests measure manual standard, manual flash and
+the reference (both paths) against float64.
 """
 import math
 import re
@@ -262,11 +263,10 @@ def test_flash_float32_precision_matches_standard(block, spread):
     Why 1.5x: both paths round the same float32 scores (q k^T near 6.5e3, spacing 2^-11), the
     dominant error of every side here; flash adds only its blocked summation order and the online
     rescaling (a few roundings of 6e-8 per row), so over 12 seeds its mean error is the standard
-    one's up to the scatter of those orders: 1.00-1.18x measured. The old cache of lse itself
-    added a per-row error of up to 2^-12 to every recomputed exp(att - lse): 2.0x on dv, 1.4x on
-    dq (torch's sdpa, which keeps lse too, shows the same 2.1x on dv). 1.5x separates the two with
-    room for another BLAS's summation order; the 2x a reviewer might pick would pass the old code
-    on 3 of these 4 cases.
+    one's up to the scatter of those orders: 1.00-1.19x measured. Without the row-sum division the
+    rounding of lse put an error of up to 2^-12 on every recomputed exp(att - lse) of a row: 2.0x
+    on dv, 1.4x on dq (torch's sdpa shows the same 2.1x on dv). 1.5x separates the two with room
+    for another BLAS's summation order; 2x would pass the old code on 3 of these 4 cases.
     """
     std = _errors(_manual_standard, spread)
     flash = _errors(_manual_flash(block), spread)

@@ -39,7 +39,7 @@ class AttentionCache(NamedTuple):
     qkv: np.ndarray            # 2. (B, T, 3C) q | k | v
     n_heads: int               # 2. H
     probs: np.ndarray | None   # 4. standard: (B, H, T, T) softmax; None for flash
-    lse: np.ndarray | None     # 4. flash: (B, H, T) row log-sum-exp of the masked att minus m0; None for standard
+    lse: np.ndarray | None     # 4. flash: (B, H, T) row log-sum-exp of the masked att; None for standard
     block: int                 # flash: keys per block
     c_proj: LinearCache        # 7. x = ctx (B, T, C), W = Wo
 
@@ -146,14 +146,10 @@ def attention_backward(dout, cache, dW_attn, db_attn, dW_proj, db_proj, record=N
 # -- flash attention: the same steps 3-5, blocked over keys ------------------------------------
 
 def _flash_forward(q, k, v, scale, block):
-    """Online softmax over key blocks. Returns y (B, H, T, D) and lse - m0 (B, H, T).
+    """Online softmax over key blocks. Returns y (B, H, T, D) and lse (B, H, T).
 
     Queries i < j0 cannot see any key of the block [j0, j1), so each block only touches rows
     i >= j0 (the causal half of the work is skipped).
-    m0 is the row max of the first key block (every row sees key 0), which backward recomputes bit
-    for bit. Keeping lse - m0 = (m - m0) + log l rather than lse keeps its digits: with scores near
-    6.5e3 a float32 lse is off by up to 2^-12 (half its spacing there), an error every recomputed
-    exp(att - lse) of the row shares; lse - m0 is log l alone when T <= block.
     """
     B, H, T, D = q.shape
     m = np.full((B, H, T, 1), -np.inf, dtype=q.dtype)          # (B, H, T, 1) running row max
@@ -162,13 +158,9 @@ def _flash_forward(q, k, v, scale, block):
     for j0 in range(0, T, block):
         j1 = min(j0 + block, T)
         # 3. att = q k^T / sqrt(D), block of keys [j0, j1), query rows [j0, T)
-        s = q[:, :, j0:] @ k[:, :, j0:j1].transpose(0, 1, 3, 2)   # (B, H, T-j0, j1-j0)
-        s *= scale
-        s += _causal_mask(T, s.dtype)[j0:, j0:j1]
+        s = _flash_scores(q, k, scale, j0, j1)                 # (B, H, T-j0, j1-j0)
         # 4. online softmax: rescale what was accumulated with the old max
         m_new = np.maximum(m[:, :, j0:], s.max(axis=-1, keepdims=True))  # (B, H, T-j0, 1), finite (key j0 <= row)
-        if j0 == 0:
-            m0 = m_new                                         # (B, H, T, 1) the first block's row max
         corr = np.exp(m[:, :, j0:] - m_new)                    # (B, H, T-j0, 1); exp(-inf) = 0 on the first block
         s -= m_new
         p = np.exp(s, out=s)                                   # (B, H, T-j0, j1-j0)
@@ -179,32 +171,49 @@ def _flash_forward(q, k, v, scale, block):
         acc[:, :, j0:] += p @ v[:, :, j0:j1]
         m[:, :, j0:] = m_new
     acc /= l                                                   # y (B, H, T, D)
-    lse = ((m - m0) + np.log(l))[..., 0]                       # (B, H, T) lse - m0
+    lse = (m + np.log(l))[..., 0]                              # (B, H, T)
     return acc, lse
 
 
-def _flash_backward(dy, q, k, v, y, lse, scale, block):
-    """Recomputes each block of probs = exp((att - m0) - (lse - m0)) and returns dq, dk, dv (B, H, T, D).
+def _flash_scores(q, k, scale, j0, j1):
+    """3. the masked att of key block [j0, j1), query rows [j0, T): (B, H, T-j0, j1-j0). Forward and
+    backward both call this, so backward's att is the forward's bit for bit (its row sums rely on it)."""
+    s = q[:, :, j0:] @ k[:, :, j0:j1].transpose(0, 1, 3, 2)    # (B, H, T-j0, j1-j0)
+    s *= scale
+    s += _causal_mask(q.shape[2], s.dtype)[j0:, j0:j1]
+    return s
 
+
+def _flash_probs(q, k, lse, scale, j0, j1):
+    """4. exp(att - lse) of key block [j0, j1), query rows [j0, T): (B, H, T-j0, j1-j0), 0 where masked."""
+    s = _flash_scores(q, k, scale, j0, j1)                     # (B, H, T-j0, j1-j0)
+    s -= lse[:, :, j0:, None]
+    return np.exp(s, out=s)
+
+
+def _flash_backward(dy, q, k, v, y, lse, scale, block):
+    """Recomputes each block of probs = exp(att - lse) / rowsum and returns dq, dk, dv (B, H, T, D).
+
+    rowsum = sum_j exp(att_ij - lse_i) is 1 up to the rounding of lse: a float32 lse is off by up to
+    half its spacing (2^-12 at scores ~6.5e3), one factor exp(-err) shared by the whole row, which
+    without this division gave flash's gradients up to 2x the float32 error of standard attention
+    (tests/test_numerics.py). A first pass over the key blocks sums it (one more q k^T per block).
     Uses sum_j p_ij dp_ij = dy_i . y_i (the softmax backward's row sum without the (T, T) matrix).
     """
     B, H, T, D = q.shape
     rowdot = np.sum(dy * y, axis=-1, keepdims=True)            # (B, H, T, 1)
+    rowsum = np.zeros_like(rowdot)                             # (B, H, T, 1)
+    for j0 in range(0, T, block):
+        rowsum[:, :, j0:] += _flash_probs(q, k, lse, scale, j0, min(j0 + block, T)).sum(axis=-1, keepdims=True)
     dq = np.zeros_like(q)                                      # (B, H, T, D)
     dk = np.empty_like(k)                                      # (B, H, T, D)
     dv = np.empty_like(v)                                      # (B, H, T, D)
     for j0 in range(0, T, block):
         j1 = min(j0 + block, T)
         qi, kj, vj, dyi = q[:, :, j0:], k[:, :, j0:j1], v[:, :, j0:j1], dy[:, :, j0:]
-        # 3.-4. recompute probs of this block: p = exp(att - lse), 0 where masked
-        s = qi @ kj.transpose(0, 1, 3, 2)                      # (B, H, T-j0, j1-j0)
-        s *= scale
-        s += _causal_mask(T, s.dtype)[j0:, j0:j1]
-        if j0 == 0:
-            m0 = s.max(axis=-1, keepdims=True)                 # (B, H, T, 1) the forward's m0, bit for bit
-        s -= m0[:, :, j0:]
-        s -= lse[:, :, j0:, None]                              # (the cached lse - m0)
-        p = np.exp(s, out=s)                                   # (B, H, T-j0, j1-j0)
+        # 3.-4. recompute probs of this block: p = exp(att - lse) / rowsum, 0 where masked
+        p = _flash_probs(q, k, lse, scale, j0, j1)             # (B, H, T-j0, j1-j0)
+        p /= rowsum[:, :, j0:]
         # 5. y = probs v
         dv[:, :, j0:j1] = p.transpose(0, 1, 3, 2) @ dyi        # (B, H, j1-j0, D)
         dp = dyi @ vj.transpose(0, 1, 3, 2)                    # (B, H, T-j0, j1-j0)
