@@ -187,6 +187,19 @@ def test_nonfinite_state_is_nonfinite_on_both_sides_at_the_same_tap(case, tap):
         _run(Model, CFG, params, debug=True, poke=poke)
 
 
+def test_loss_that_overflows_is_nonfinite_on_both_sides_and_debug_names_it():
+    """wte x 1e38: every tap is finite (logits ~1e38), but the loss, a float32 sum over positions of
+    ~1e38 each, overflows on both sides; debug mode says so rather than passing the forward."""
+    def poke(params):
+        params[WTE] *= np.float32(1e38)
+    params = Model(CFG, seed=0).params
+    for side in (Model, reference.Model):
+        model = _run(side, CFG, params, poke=poke)
+        assert _first_nonfinite(model.taps) is None and not np.isfinite(model.loss), side
+    with pytest.raises(DebugCheckError, match=r"after forward, the loss is inf although every tap is finite"):
+        _run(Model, CFG, params, debug=True, poke=poke)
+
+
 # -- flash attention precision at scores ~6.5e3 ---------------------------------------------------
 
 B_, H_, T_, D_ = 1, 4, 20, 16
