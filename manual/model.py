@@ -224,6 +224,9 @@ class Model:
         self._cache = ForwardCache(c_embed, c_blocks, c_lnf, c_head, c_mtp, c_loss, n_valid)
         if self.debug:
             self._check_all("forward", self.taps, tap_shapes(cfg, *ids.shape), "tap")
+            if self.loss is not None and not np.isfinite(self.loss):
+                raise DebugCheckError(f"debug: after forward, the loss is {self.loss} although every tap is finite "
+                                      f"(the loss's own {self._dtype} arithmetic overflowed)")
         return self.loss
 
     # -- backward ---------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ Shape legend: B batch, T time, C = d_model, H heads, D head size, F = d_ff, V vo
 S = max_seq_len, L layers.
 
 Exact formulas (the same ones manual/ states):
-    LayerNorm   (x - mean) / sqrt(biased var + ln_eps) * weight + bias     (nn.LayerNorm)
+    LayerNorm   (x - mean) / sqrt(biased var + ln_eps) * weight + bias     (nn.LayerNorm; float64 for
+                float32 rows whose variance would overflow, see LayerNorm below)
     linear      y = x @ W + b with W stored [in, out]                       (Conv1D below)
     attention   att = (q @ k^T) * (1 / sqrt(D)); probs = softmax(att with j > i set to -inf)
     gelu        0.5 x (1 + erf(x / sqrt 2))                                 F.gelu(approximate='none')
@@ -60,6 +61,19 @@ def _tap(taps: dict | None, name: str, t: torch.Tensor) -> torch.Tensor:
 def causal_mask(S: int) -> torch.Tensor:
     """(S, S) bool, True where key j is in the future of query i (j > i): those scores become -inf."""
     return torch.triu(torch.ones(S, S, dtype=torch.bool), diagonal=1)
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm, but a float32 input large enough for its sum of squares to overflow is normalised
+    in float64 and cast back. torch's float32 kernel gives xhat = 0 there (rstd = 1/inf; |x| ~ 1e19) or
+    NaN (|x| ~ 1e21), where the true result is finite; manual's layernorm_forward rescales those rows."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bound = 4 * x.shape[-1] * float(x.detach().abs().amax()) ** 2     # >= sum_c (x_c - mean)^2
+        if x.dtype == torch.float32 and not bound < torch.finfo(torch.float32).max:   # (nan included)
+            w, b = (None if t is None else t.double() for t in (self.weight, self.bias))
+            return F.layer_norm(x.double(), self.normalized_shape, w, b, self.eps).float()
+        return super().forward(x)
+
 
 class Conv1D(nn.Module):
     """y = x @ weight + bias with weight stored [in, out], as in GPT-2 / Hugging Face's Conv1D."""
@@ -134,9 +148,9 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.pre = cfg.norm == "pre"
-        self.ln_1 = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps, bias=cfg.bias)
+        self.ln_1 = LayerNorm(cfg.d_model, eps=cfg.ln_eps, bias=cfg.bias)
         self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps, bias=cfg.bias)
+        self.ln_2 = LayerNorm(cfg.d_model, eps=cfg.ln_eps, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, taps: dict | None = None, name: str = "h.0") -> torch.Tensor:
@@ -167,7 +181,7 @@ class GPT(nn.Module):
             wte=nn.Embedding(cfg.vocab_size, C),                         # (V, C)
             wpe=nn.Embedding(cfg.max_seq_len, C),                        # (S, C)
             h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)]),
-            ln_f=nn.LayerNorm(C, eps=cfg.ln_eps, bias=cfg.bias),
+            ln_f=LayerNorm(C, eps=cfg.ln_eps, bias=cfg.bias),
         ))
         self.lm_head = nn.Linear(C, cfg.vocab_size, bias=False)          # weight (V, C): logits = x @ W^T
         if cfg.tie_embeddings:

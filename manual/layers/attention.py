@@ -158,9 +158,7 @@ def _flash_forward(q, k, v, scale, block):
     for j0 in range(0, T, block):
         j1 = min(j0 + block, T)
         # 3. att = q k^T / sqrt(D), block of keys [j0, j1), query rows [j0, T)
-        s = q[:, :, j0:] @ k[:, :, j0:j1].transpose(0, 1, 3, 2)   # (B, H, T-j0, j1-j0)
-        s *= scale
-        s += _causal_mask(T, s.dtype)[j0:, j0:j1]
+        s = _flash_scores(q, k, scale, j0, j1)                 # (B, H, T-j0, j1-j0)
         # 4. online softmax: rescale what was accumulated with the old max
         m_new = np.maximum(m[:, :, j0:], s.max(axis=-1, keepdims=True))  # (B, H, T-j0, 1), finite (key j0 <= row)
         corr = np.exp(m[:, :, j0:] - m_new)                    # (B, H, T-j0, 1); exp(-inf) = 0 on the first block
@@ -177,25 +175,45 @@ def _flash_forward(q, k, v, scale, block):
     return acc, lse
 
 
-def _flash_backward(dy, q, k, v, y, lse, scale, block):
-    """Recomputes each block of probs = exp(att - lse) and returns dq, dk, dv (B, H, T, D).
+def _flash_scores(q, k, scale, j0, j1):
+    """3. the masked att of key block [j0, j1), query rows [j0, T): (B, H, T-j0, j1-j0). Forward and
+    backward both call this, so backward's att is the forward's bit for bit (its row sums rely on it)."""
+    s = q[:, :, j0:] @ k[:, :, j0:j1].transpose(0, 1, 3, 2)    # (B, H, T-j0, j1-j0)
+    s *= scale
+    s += _causal_mask(q.shape[2], s.dtype)[j0:, j0:j1]
+    return s
 
+
+def _flash_probs(q, k, lse, scale, j0, j1):
+    """4. exp(att - lse) of key block [j0, j1), query rows [j0, T): (B, H, T-j0, j1-j0), 0 where masked."""
+    s = _flash_scores(q, k, scale, j0, j1)                     # (B, H, T-j0, j1-j0)
+    s -= lse[:, :, j0:, None]
+    return np.exp(s, out=s)
+
+
+def _flash_backward(dy, q, k, v, y, lse, scale, block):
+    """Recomputes each block of probs = exp(att - lse) / rowsum and returns dq, dk, dv (B, H, T, D).
+
+    rowsum = sum_j exp(att_ij - lse_i) is 1 up to the rounding of lse: a float32 lse is off by up to
+    half its spacing (2^-12 at scores ~6.5e3), one factor exp(-err) shared by the whole row, which
+    without this division gave flash's gradients up to 2x the float32 error of standard attention
+    (tests/test_numerics.py). A first pass over the key blocks sums it (one more q k^T per block).
     Uses sum_j p_ij dp_ij = dy_i . y_i (the softmax backward's row sum without the (T, T) matrix).
     """
     B, H, T, D = q.shape
     rowdot = np.sum(dy * y, axis=-1, keepdims=True)            # (B, H, T, 1)
+    rowsum = np.zeros_like(rowdot)                             # (B, H, T, 1)
+    for j0 in range(0, T, block):
+        rowsum[:, :, j0:] += _flash_probs(q, k, lse, scale, j0, min(j0 + block, T)).sum(axis=-1, keepdims=True)
     dq = np.zeros_like(q)                                      # (B, H, T, D)
     dk = np.empty_like(k)                                      # (B, H, T, D)
     dv = np.empty_like(v)                                      # (B, H, T, D)
     for j0 in range(0, T, block):
         j1 = min(j0 + block, T)
         qi, kj, vj, dyi = q[:, :, j0:], k[:, :, j0:j1], v[:, :, j0:j1], dy[:, :, j0:]
-        # 3.-4. recompute probs of this block: p = exp(att - lse), 0 where masked
-        s = qi @ kj.transpose(0, 1, 3, 2)                      # (B, H, T-j0, j1-j0)
-        s *= scale
-        s += _causal_mask(T, s.dtype)[j0:, j0:j1]
-        s -= lse[:, :, j0:, None]
-        p = np.exp(s, out=s)                                   # (B, H, T-j0, j1-j0)
+        # 3.-4. recompute probs of this block: p = exp(att - lse) / rowsum, 0 where masked
+        p = _flash_probs(q, k, lse, scale, j0, j1)             # (B, H, T-j0, j1-j0)
+        p /= rowsum[:, :, j0:]
         # 5. y = probs v
         dv[:, :, j0:j1] = p.transpose(0, 1, 3, 2) @ dyi        # (B, H, j1-j0, D)
         dp = dyi @ vj.transpose(0, 1, 3, 2)                    # (B, H, T-j0, j1-j0)

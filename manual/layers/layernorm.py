@@ -34,15 +34,34 @@ def layernorm_forward(x, w, b, eps):
     xc = x - mean                                              # (B, T, C)
     var = np.square(xc).sum(axis=-1, keepdims=True)            # (B, T, 1)
     var /= C                                                   # biased variance
+    over = ~np.isfinite(var[..., 0])                           # (B, T) rows whose sum of squares overflowed
     var += eps                                                 # (eps is a weak Python float)
     rstd = np.sqrt(var, out=var)
     rstd = np.divide(1.0, rstd, out=rstd)                      # (B, T, 1) 1 / sqrt(var + eps)
     xc *= rstd                                                 # xhat, in place (B, T, C)
     xhat = xc
+    if over.any():                                             # else rstd = 1/inf = 0 would hide it as xhat = 0
+        xhat[over], rstd[over] = _rescaled_rows(x[over], eps)
     y = xhat * w                                               # (B, T, C)
     if b is not None:
         y += b
     return y, LayerNormCache(xhat, rstd, w)
+
+
+def _rescaled_rows(x, eps):
+    """xhat, rstd of rows (N, C) whose sum of squares overflows (float32: |x - mean| above ~1e18).
+
+    Each row is divided by 2^e >= max|x| first: u = x / 2^e is exact (a power of two), the sums
+    cannot overflow, and xhat = (u - mean u) / sqrt(var u + eps / 4^e), rstd = that / 2^e are the
+    true values. A non-finite x stays non-finite (inf - inf = nan), as the math gives.
+    """
+    C = x.shape[-1]
+    _, e = np.frexp(np.abs(x).max(axis=-1, keepdims=True))     # (N, 1) 2^e > max|x|
+    u = np.ldexp(x, -e)                                        # (N, C) |u| < 1
+    u -= u.sum(axis=-1, keepdims=True) / C
+    q = np.square(u).sum(axis=-1, keepdims=True) / C + np.ldexp(x.dtype.type(eps), -2 * e)  # (N, 1)
+    r = 1 / np.sqrt(q)                                         # (N, 1) 1 / sqrt(var u + eps / 4^e)
+    return u * r, np.ldexp(r, -e)                              # (N, C), (N, 1)
 
 
 def layernorm_backward(dy, cache, dw, db=None):
