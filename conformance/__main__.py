@@ -23,6 +23,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed  # noqa: E402
 
 from manual.config import PRESETS
 
+from . import external
 from .engine import CHECKS, run_case
 from .matrix import VARIANTS, cases
 from .report import summarize, write_json
@@ -86,6 +87,7 @@ def main(argv=None) -> int:
                    help="the full table, one line per configuration and check (-vv: one line per tensor)")
     p.add_argument("--jobs", "-j", type=int, default=os.cpu_count() or 1,
                    help="configurations checked in parallel, one process each (default: CPU count)")
+    external.add_arguments(p)
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error(f"--jobs must be >= 1, got {args.jobs}")
@@ -96,6 +98,8 @@ def main(argv=None) -> int:
         todo = cases(args.preset, dtypes, quick=args.quick, only=args.variant)
     except ValueError as exc:
         p.error(str(exc))
+    if args.impl or args.impl_cmd:      # your implementation under test (conformance/external.py)
+        return external.matrix_main(p, args, todo, initializer=_one_thread)
     checks = tuple(args.check) if args.check else CHECKS
     if args.third == "hf":            # fail before the suite runs when transformers is missing
         from .hf import require_transformers
