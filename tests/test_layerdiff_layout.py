@@ -14,28 +14,13 @@ from safetensors.numpy import save_file
 import manual
 from manual import formats
 from manual.checkpoint import load_model, save_model
-from tools import convert, layerdiff
+from test_layerdiff import cli      # `python -m tools.layerdiff ARGS` in this process: exit status and output
+from tools import convert
 from tools.layerdiff.walk import tensors_of
 
 # nanoGPT computes exact GELU, llm.c the tanh one: each layout gets a case its model computes
 CASE_FLAGS = {"nanogpt": ["--activation", "gelu"], "llmc": ["--activation", "gelu_tanh"]}
-PREFIX = {"nanogpt": "_orig_mod.", "llmc": ""}       # torch.compile's prefix, stripped by the reader
-
-
-class Result:
-    def __init__(self, returncode, stdout, stderr):
-        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
-
-
-def cli(*args):
-    """`python -m tools.layerdiff ARGS` in this process: exit status and output."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = layerdiff.main([str(a) for a in args])
-        except SystemExit as exc:
-            rc = exc.code
-    return Result(rc, out.getvalue(), err.getvalue())
+PREFIX = {"nanogpt": "module._orig_mod.", "llmc": ""}   # DDP around torch.compile: both stripped
 
 
 def one_line_exit_2(p, *needles):

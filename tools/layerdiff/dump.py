@@ -174,6 +174,11 @@ def against_llmc_state(path, setup: Setup) -> tuple[Setup, dict, list[str]]:
         raise ValueError(f"an llm.c debug state holds the plain cross-entropy loss; the case has loss = "
                          f"{cfg.loss!r}, temperature = {cfg.temperature!r}")
     try:
+        formats.check_can_hold(cfg, "llmc")
+    except formats.FormatError as exc:
+        raise ValueError(f"{path} is an llm.c debug state, and the case's model is not one llm.c computes: {exc}") \
+            from None
+    try:
         st = formats.read_llmc_state(path, cfg)
     except formats.FormatError as exc:
         raise ValueError(f"{exc} (the case's config decides every size but B and T)") from None
