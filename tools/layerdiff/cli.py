@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the layout of the dump's grad.<param> tensors: ours (default; Hugging Face names, "
                         "[in, out] matrices), nanogpt (nn.Linear [out, in] under nanoGPT's state-dict names, "
                         "prefixes _orig_mod./module. stripped) or llmc (llm.c's 16 stacked tensors, grad.wte "
-                        "with V or padded Vp rows); mapped by manual/formats.py's table. Taps keep our names")
+                        "with V or padded Vp rows); mapped by manual/formats.py's table. Taps keep our names "
+                        "(docs/interop.md)")
     w.add_argument("--export-case", metavar="DIR", help="write checkpoint + batch + format README, then exit")
     w.add_argument("--no-blame", action="store_true", help="skip the finite-difference / recomputation check")
     o = p.add_argument_group("output")
@@ -227,15 +228,11 @@ def main(argv=None) -> int:
             rep = debug(setup, None, steps=steps, optimizer=args.optimizer, blame=not args.no_blame,
                         against=against)
     in_dump = where_in_layout(rep.first.tensor, layout, rep.first.worst_index) if rep.first else None
-    if in_dump:                              # shown on the worst element's line, in the dump's own terms
+    if in_dump:                              # on the worst element's line (and in the JSON's note), in the dump's terms
         rep.first.note = "; ".join(filter(None, [rep.first.note, f"in the dump's {layout} layout: {in_dump}"]))
     print_report(rep, diff_only=args.diff_only)
-    js = rep.as_json()
-    js["layout"] = layout
-    if in_dump:
-        js["first_divergent"]["in_dump"] = in_dump
     if args.json:
-        Path(args.json).write_text(json.dumps(js, indent=1, default=str))
+        Path(args.json).write_text(json.dumps(rep.as_json(), indent=1, default=str))
         print(f"wrote {args.json}")
     if args.plot:
         plot(rep, args.plot)
