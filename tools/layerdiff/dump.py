@@ -28,12 +28,14 @@ from manual.config import ModelConfig
 from .walk import Setup
 
 DUMP_README = external.CASE_README
-OURS = "ours"
-LAYOUTS = (OURS, "nanogpt", "llmc")        # ours = Hugging Face GPT-2's names and Conv1D [in, out] layout
 
 
 def export_case(setup: Setup, folder) -> list[Path]:
     return external.write_case(folder, setup.cfg, setup.params, setup.ids, setup.targets, label=setup.label)
+
+
+OURS = "ours"
+LAYOUTS = (OURS, "nanogpt", "llmc")        # ours = Hugging Face GPT-2's names and Conv1D [in, out] layout
 
 
 def load_dump(path, cfg: ModelConfig, B: int, T: int, layout: str = OURS) -> dict[str, np.ndarray]:
