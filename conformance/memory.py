@@ -154,7 +154,93 @@ def memory_checks(case, path, m, r, ids, targets, sides) -> list[Comparison]:
                           max_rel=float(rel), tol=PEAK_TOLERANCE * predicted_peak,
                           rule="within 10% of predicted", a_value=measured_peak, b_value=predicted_peak,
                           scale=float(predicted_peak)))
+    out += recompute_checks(case, path, ids, targets, sides)
     return out
+
+
+def recompute_checks(case, path, ids, targets, sides) -> list[Comparison]:
+    """Activation recomputation (Model(..., recompute="blocks") on both sides), issue 14:
+      - manual: every parameter gradient and the loss with recompute equal those without, bit for bit
+        (the recomputed forward is the same arithmetic on the same block input);
+      - reference (torch.utils.checkpoint) with recompute against manual with recompute: the suite's
+        tolerances, per parameter gradient;
+      - manual activation bytes with recompute = manual.memory.activation_bytes(..., recompute="blocks");
+      - manual / reference activation bytes <= 1 with recompute (reference_activation_bytes: autograd's
+        saved tensors plus the block inputs checkpoint keeps).
+    """
+    from manual import memory as mmem
+
+    from .compare import compare
+
+    cfg, lab = case.cfg, case.name()
+    dt = np.dtype(cfg.dtype)
+    B, T = ids.shape
+    runs = {}
+    for mode in ("none", "blocks"):
+        m = sides.manual.load(path, recompute=mode)
+        loss = m.forward(ids, targets)
+        kept = m.cache_bytes()
+        m.backward()
+        runs[mode] = (loss, kept, m.grads)
+    r = sides.reference.load(path, recompute="blocks")
+    r.forward(ids, targets)
+    r.backward()
+    (loss_n, _, g_n), (loss_b, kept_b, g_b) = runs["none"], runs["blocks"]
+    out = [compare_exact(loss_b, loss_n, tensor="loss (manual, recompute=blocks vs none)", check="memory",
+                         config=lab)]
+    for spec in reversed(registry.param_specs(cfg)):
+        name = spec.name
+        out.append(compare_exact(g_b[name], g_n[name], tensor=f"{name} grad (manual, recompute=blocks vs none)",
+                                 check="memory", config=lab))
+        out.append(compare(g_b[name], r.grads[name], tensor=f"{name} grad (recompute=blocks, manual vs reference)",
+                           check="memory", config=lab, expect_dtype=dt))
+    predicted = mmem.activation_bytes(cfg, B, T, recompute="blocks")
+    out.append(compare_exact(kept_b, predicted, tensor="activation bytes, recompute=blocks (manual vs closed form)",
+                             check="memory", config=lab))
+    ref_kept = reference_activation_bytes(r, ids, targets)
+    ratio = kept_b / ref_kept if ref_kept else float("inf")
+    out.append(Comparison(config=lab, check="memory", tensor="activation bytes ratio manual/reference, recompute=blocks",
+                          passed=bool(ratio <= 1.0), max_abs=float(ratio), max_rel=float(ratio), tol=1.0,
+                          rule="ratio <= 1", a_value=kept_b, b_value=ref_kept, scale=1.0,
+                          note=f"manual {kept_b} B vs reference {ref_kept} B (saved + checkpointed block inputs)"))
+    return out
+
+
+def reference_activation_bytes(model, ids, targets) -> int:
+    """Bytes the reference keeps for backward during one forward: reference.optim.activation_saved_bytes's
+    rules (saved tensors by storage, each once, parameters and buffers excluded), plus, with
+    recompute="blocks", the input of every block, which torch.utils.checkpoint keeps for its recomputation
+    outside autograd's saved tensors (each storage once, with the saved ones)."""
+    import torch
+
+    from reference import check_ids, check_targets
+
+    ids = check_ids(model.cfg, ids)
+    targets = check_targets(model.cfg, targets, ids.shape)
+    module = model.module
+    excluded = {t.untyped_storage().data_ptr() for t in list(module.parameters()) + list(module.buffers())}
+    seen: dict[int, int] = {}
+
+    def count(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in excluded:
+            seen.setdefault(storage.data_ptr(), storage.nbytes())
+        return t
+
+    def block_input(_block, args):
+        count(args[0])                   # returns None: the input is left unchanged
+
+    handles = []
+    if getattr(module, "recompute", "none") == "blocks":
+        handles = [block.register_forward_pre_hook(block_input) for block in module.transformer.h]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+            _heads, loss = module(torch.from_numpy(ids), torch.from_numpy(targets))
+    finally:
+        for h in handles:
+            h.remove()
+    del loss, _heads
+    return sum(seen.values())
 
 
 # -- per phase closed forms (tools/memprof.py) ---------------------------------------------------

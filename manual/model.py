@@ -21,6 +21,15 @@ the model, and replacing an entry with a new array of the same shape and dtype w
 raises a ValueError listing every problem). `model.grads` is allocated once; zero_grad fills
 it with zeros in place.
 
+Activation recomputation (`Model(cfg, recompute="blocks")`; default "none"): each block keeps only
+its input x (B, T, C) from the forward; backward runs that block's forward again from x, then its
+backward, so at most one block's caches exist at a time. Costs about one extra forward per step;
+saves all but L*B*T*C of the blocks' cached activations (manual.memory.activation_breakdown states
+both). The gradients are bit-identical to recompute="none" (the recomputed forward is the same
+arithmetic on the same input). Keeping every tap would keep what recomputation frees, so in this
+mode `model.taps` and `model.tap_grads` hold only the taps outside the blocks and the block
+boundaries h.{i}.out (manual.memory.kept_tap_names).
+
 Debug mode (`Model(cfg, debug=True)`, or set `model.debug = True`): the "assert versions" of
 forward / backward / zero_grad. After forward every tap is finite and of its registered shape
 and dtype; after backward every tap gradient and parameter gradient is too, and no parameter
@@ -39,11 +48,17 @@ from .config import ModelConfig
 from .layers import (FLASH_BLOCK, BlockCache, EmbeddingCache, LayerNormCache, LinearCache, LossCache, block_backward,
                      block_forward, embedding_backward, embedding_forward, layernorm_backward, layernorm_forward,
                      linear_backward, linear_forward, loss_backward, loss_forward, unembed_backward, unembed_forward)
+from .memory import RECOMPUTE
 from .registry import future_targets, init_params, param_count, param_shapes, param_specs, tap_shapes, tap_specs
 
 
 class DebugCheckError(AssertionError):
     """A debug-mode check failed; the message names the tensor."""
+
+
+class BlockInputCache(NamedTuple):
+    """recompute="blocks": all a block keeps from the forward; backward runs block_forward(x) again."""
+    x: np.ndarray              # (B, T, C) the block's input (embed.out or the previous block's out)
 
 
 class MTPCache(NamedTuple):
@@ -56,7 +71,7 @@ class MTPCache(NamedTuple):
 class ForwardCache:
     """Everything the last forward kept for backward (and nothing else)."""
     embed: EmbeddingCache
-    blocks: list[BlockCache]   # one per layer
+    blocks: list[BlockCache] | list[BlockInputCache]   # one per layer (BlockInputCache: recompute="blocks")
     ln_f: LayerNormCache
     head: LinearCache          # unembed cache of head 1: x = xf (B, T, C), W = W_out
     mtp: list[MTPCache]        # per extra head j = 2..k
@@ -65,9 +80,13 @@ class ForwardCache:
 
     def layers(self) -> list[tuple[str, tuple]]:
         """(layer name, that layer's cache) in forward order, named as manual.memory.activation_breakdown
-        names them ('embed', 'h.0.ln_1', 'h.0.attn', ..., 'ln_f', 'lm_head', 'mtp.2', 'loss.1', ...)."""
+        names them ('embed', 'h.0.ln_1', 'h.0.attn', ..., 'ln_f', 'lm_head', 'mtp.2', 'loss.1', ...); with
+        recompute="blocks" a block is one entry 'h.{i}' (its input)."""
         out = [("embed", self.embed)]
         for i, blk in enumerate(self.blocks):
+            if isinstance(blk, BlockInputCache):
+                out.append((f"h.{i}", blk))
+                continue
             out += [(f"h.{i}.ln_1", blk.ln_1), (f"h.{i}.attn", blk.attn), (f"h.{i}.ln_2", blk.ln_2),
                     (f"h.{i}.mlp", blk.mlp)]
         out += [("ln_f", self.ln_f), ("lm_head", self.head)]
@@ -118,10 +137,13 @@ class Model:
     """A decoder-only transformer in NumPy with hand-written backward passes (see the module docstring)."""
 
     def __init__(self, cfg: ModelConfig, seed: int = 0, *, debug: bool = False, flash_block: int = FLASH_BLOCK,
-                 _params: dict | None = None):
+                 recompute: str = "none", _params: dict | None = None):
         if not isinstance(cfg, ModelConfig):
             raise TypeError(f"cfg must be a ModelConfig, got {type(cfg).__name__}")
+        if recompute not in RECOMPUTE:
+            raise ValueError(f"recompute must be one of {RECOMPUTE}, got {recompute!r}")
         self.cfg = cfg
+        self.recompute = recompute
         self.debug = bool(debug)
         self.flash_block = int(flash_block)   # keys per block of 'flash' attention
         self.params = init_params(cfg, seed) if _params is None else _params
@@ -134,7 +156,7 @@ class Model:
             offset += arr.size
         self._dtype = np.dtype(cfg.dtype)
         self._param_shapes = param_shapes(cfg)
-        self._tap_names = [s.name for s in tap_specs(cfg)]
+        self._tap_names = memory.kept_tap_names(cfg, recompute)
         self._block_names: list | None = None     # per block: (short, full) parameter names, see _block
         self._cache: ForwardCache | None = None
         self.taps: dict[str, np.ndarray] = {}
@@ -190,7 +212,10 @@ class Model:
         taps["embed.out"] = x
         c_blocks = []
         for i in range(L):
+            x_in = x
             x, t, c = block_forward(x, self._block(p, i), cfg, self.flash_block)     # (B, T, C)
+            if self.recompute == "blocks":      # keep the input only; t and c are dropped here
+                t, c = {"out": x}, BlockInputCache(x_in)
             taps.update({f"h.{i}.{name}": v for name, v in t.items()})
             c_blocks.append(c)
         xf, c_lnf = layernorm_forward(x, p["transformer.ln_f.weight"], p.get("transformer.ln_f.bias"),
@@ -222,7 +247,7 @@ class Model:
         self.taps = {name: taps[name] for name in self._tap_names}
         self._cache = ForwardCache(c_embed, c_blocks, c_lnf, c_head, c_mtp, c_loss, n_valid)
         if self.debug:
-            self._check_all("forward", self.taps, tap_shapes(cfg, *ids.shape), "tap")
+            self._check_all("forward", self.taps, self._kept(tap_shapes(cfg, *ids.shape)), "tap")
         return self.loss
 
     # -- backward ---------------------------------------------------------------------------------
@@ -268,8 +293,13 @@ class Model:
         for i in range(L - 1, -1, -1):
             # x = block_i(x)
             rec[f"h.{i}.out"] = dx
-            rec_i = {}
-            dx = block_backward(dx, c.blocks[i], self._block(g, i), record=rec_i)    # (B, T, C)
+            rec_i, c_i = {}, c.blocks[i]
+            if isinstance(c_i, BlockInputCache):   # recompute="blocks": this block's forward again, from its input
+                _, _, c_i = block_forward(c_i.x, self._block(self.params, i), cfg, self.flash_block)
+                rec_i = None                       # its inner tap gradients are not kept either
+            dx = block_backward(dx, c_i, self._block(g, i), record=rec_i)             # (B, T, C)
+            del c_i                                # recompute: at most one block's caches live at a time
+            rec_i = rec_i or {}
             rec.update({f"h.{i}.{name}": v for name, v in rec_i.items()})
         rec["embed.out"] = dx
         # x = wte[ids] + wpe[:T]. Tied: dwte already holds the output projection's contribution(s) from
@@ -278,7 +308,8 @@ class Model:
 
         self.tap_grads = {name: rec[name] for name in self._tap_names}
         if self.debug:
-            self._check_all("backward", self.tap_grads, tap_shapes(cfg, *c.embed.ids.shape), "gradient of tap")
+            self._check_all("backward", self.tap_grads, self._kept(tap_shapes(cfg, *c.embed.ids.shape)),
+                            "gradient of tap")
             self._check_all("backward", self.grads, self._param_shapes, "gradient of", nonzero=True)
 
     def zero_grad(self) -> None:
@@ -313,6 +344,10 @@ class Model:
             self._block_names = [[(name[len(f"transformer.h.{j}."):], name) for name in self._param_shapes
                                   if name.startswith(f"transformer.h.{j}.")] for j in range(self.cfg.n_layers)]
         return {short: d[full] for short, full in self._block_names[i]}
+
+    def _kept(self, shapes: dict) -> dict:
+        """{name: shape} of the taps this model keeps (all of them unless recompute="blocks")."""
+        return {name: shapes[name] for name in self._tap_names}
 
     @property
     def forward_cache(self) -> ForwardCache | None:
