@@ -165,10 +165,12 @@ def recompute_checks(case, path, ids, targets, sides) -> list[Comparison]:
       - reference (torch.utils.checkpoint) with recompute against manual with recompute: the suite's
         tolerances, per parameter gradient;
       - manual activation bytes with recompute = manual.memory.activation_bytes(..., recompute="blocks");
-      - manual / reference activation bytes <= 1 with recompute (reference_activation_bytes: autograd's
-        saved tensors plus the block inputs checkpoint keeps).
+      - manual / reference activation bytes <= 1 with recompute (reference.optim.activation_saved_bytes:
+        checkpoint keeps each block's input through save_for_backward, so autograd's saved tensors
+        include them; tests/test_recompute.py checks that they do).
     """
     from manual import memory as mmem
+    from reference import optim as ropt
 
     from .compare import compare
 
@@ -197,50 +199,13 @@ def recompute_checks(case, path, ids, targets, sides) -> list[Comparison]:
     predicted = mmem.activation_bytes(cfg, B, T, recompute="blocks")
     out.append(compare_exact(kept_b, predicted, tensor="activation bytes, recompute=blocks (manual vs closed form)",
                              check="memory", config=lab))
-    ref_kept = reference_activation_bytes(r, ids, targets)
+    ref_kept = ropt.activation_saved_bytes(r, ids, targets)
     ratio = kept_b / ref_kept if ref_kept else float("inf")
     out.append(Comparison(config=lab, check="memory", tensor="activation bytes ratio manual/reference, recompute=blocks",
                           passed=bool(ratio <= 1.0), max_abs=float(ratio), max_rel=float(ratio), tol=1.0,
                           rule="ratio <= 1", a_value=kept_b, b_value=ref_kept, scale=1.0,
-                          note=f"manual {kept_b} B vs reference {ref_kept} B (saved + checkpointed block inputs)"))
+                          note=f"manual {kept_b} B vs autograd saved {ref_kept} B"))
     return out
-
-
-def reference_activation_bytes(model, ids, targets) -> int:
-    """Bytes the reference keeps for backward during one forward: reference.optim.activation_saved_bytes's
-    rules (saved tensors by storage, each once, parameters and buffers excluded), plus, with
-    recompute="blocks", the input of every block, which torch.utils.checkpoint keeps for its recomputation
-    outside autograd's saved tensors (each storage once, with the saved ones)."""
-    import torch
-
-    from reference import check_ids, check_targets
-
-    ids = check_ids(model.cfg, ids)
-    targets = check_targets(model.cfg, targets, ids.shape)
-    module = model.module
-    excluded = {t.untyped_storage().data_ptr() for t in list(module.parameters()) + list(module.buffers())}
-    seen: dict[int, int] = {}
-
-    def count(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in excluded:
-            seen.setdefault(storage.data_ptr(), storage.nbytes())
-        return t
-
-    def block_input(_block, args):
-        count(args[0])                   # returns None: the input is left unchanged
-
-    handles = []
-    if getattr(module, "recompute", "none") == "blocks":
-        handles = [block.register_forward_pre_hook(block_input) for block in module.transformer.h]
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
-            _heads, loss = module(torch.from_numpy(ids), torch.from_numpy(targets))
-    finally:
-        for h in handles:
-            h.remove()
-    del loss, _heads
-    return sum(seen.values())
 
 
 # -- per phase closed forms (tools/memprof.py) ---------------------------------------------------
