@@ -464,7 +464,11 @@ def dry_run(cfg, B: int, T: int, optimizer: str) -> dict:
     closed = cmem.closed_forms(cfg, optimizer)
     act = mmem.activation_bytes(cfg, B, T)
     transient = mmem.peak_bytes(cfg, B, T)
+    act_rec, block = mmem.activation_bytes(cfg, B, T, recompute="blocks"), mmem.recompute_block_bytes(cfg, B, T)
     return {"parameters_count": param_count(cfg), **closed, "activations": act,
+            # recompute="blocks": block inputs + the rest kept, and one block's caches more during backward
+            "activations_recompute_blocks": act_rec, "recompute_one_block": block,
+            "activations_recompute_blocks_in_backward": act_rec + block,
             "forward_backward_transient": transient,
             "peak": closed["parameters"] + closed["gradients"] + closed["optimizer_state"] + transient,
             "source": "closed forms (manual/memory.py, conformance/memory.py); nothing allocated"}
@@ -503,6 +507,31 @@ def conformance_figures(cfg, ids, targets, optimizer: str, impls) -> dict:
         ro.step()
         out["reference_bytes"] = cmem.reference_bytes(r, ro)
         out["reference_saved_bytes"] = ropt.activation_saved_bytes(reference.Model(cfg, seed=0), ids, targets)
+    out["recompute"] = recompute_figures(cfg, ids, targets, impls)
+    return out
+
+
+def recompute_figures(cfg, ids, targets, impls) -> dict:
+    """Activation bytes kept for backward in both modes side by side: {mode: {closed_form, manual,
+    reference, ratio}} for recompute "none" and "blocks" (manual: its caches; reference: autograd's saved
+    tensors, which hold the block inputs torch.utils.checkpoint keeps)."""
+    import manual
+    import reference
+    from reference import optim as ropt
+
+    B, T = ids.shape
+    out = {}
+    for mode in mmem.RECOMPUTE:
+        row = {"closed_form": mmem.activation_bytes(cfg, B, T, recompute=mode)}
+        if "manual" in impls:
+            m = manual.Model(cfg, seed=0, recompute=mode)
+            m.forward(ids, targets)
+            row["manual"] = m.cache_bytes()
+        if "reference" in impls:
+            row["reference"] = ropt.activation_saved_bytes(reference.Model(cfg, seed=0, recompute=mode), ids, targets)
+        if "manual" in row and "reference" in row:
+            row["ratio"] = row["manual"] / row["reference"]
+        out[mode] = row
     return out
 
 
@@ -622,12 +651,22 @@ def print_conformance(result) -> None:
               f"({p['rel_diff']:+.1%}, tolerance {p['tolerance']:.0%})")
     if "reference_saved_bytes" in c:
         print(f"  reference autograd saved bytes {c['reference_saved_bytes']:,}")
+    rec = c["recompute"]
+    print("  activation bytes kept for backward, recompute=none | recompute=blocks:")
+    for key in ("closed_form", "manual", "reference", "ratio"):
+        if key in rec["none"]:
+            cells = [f"{rec[mode][key]:.3f}" if key == "ratio" else f"{rec[mode][key]:,}" for mode in rec]
+            print(f"    {key:<12} " + " | ".join(f"{cell:>14}" for cell in cells))
 
 
 def print_dry_run(name, B, T, d) -> None:
     print(f"{name} at B={B}, T={T} ({d['parameters_count']:,} parameters), from the closed forms, nothing allocated:")
     for key in ("parameters", "gradients", "optimizer_state", "activations", "forward_backward_transient", "peak"):
         print(f"  {key:<28} {d[key]:>18,} B  {human(d[key]):>12}")
+    print(f"  with recompute=\"blocks\" (Model(cfg, recompute=\"blocks\"), both sides), activations kept "
+          f"{d['activations_recompute_blocks']:,} B ({human(d['activations_recompute_blocks'])}), "
+          f"{d['activations_recompute_blocks_in_backward']:,} B ({human(d['activations_recompute_blocks_in_backward'])}) "
+          f"with the one block backward rebuilds, against {human(d['activations'])} without")
 
 
 def print_sweep(s) -> None:
