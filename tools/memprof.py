@@ -221,15 +221,22 @@ class NumpyAllocationCounter:
     _KEEP: list = []
     _SLOT_SET_HANDLER = 304
 
+    LARGE = 64 * 1024      # bytes: larger arrays are mapped fresh from the OS by malloc (issue 14's count)
+
     def __init__(self):
         self.count = 0
         self.bytes = 0
+        self.large_count = 0                     # allocations over LARGE bytes, and their bytes
+        self.large_bytes = 0
         self.sites: dict[str, list[int]] = {}   # "file: function" -> [count, bytes]
         self._previous = None
 
     def _record(self, size: int) -> None:
         self.count += 1
         self.bytes += size
+        if size > self.LARGE:
+            self.large_count += 1
+            self.large_bytes += size
         frame = sys._getframe(2)
         while frame is not None and not (frame.f_code.co_filename.startswith(str(ROOT))
                                          and "site-packages" not in frame.f_code.co_filename):
@@ -333,6 +340,7 @@ def churn(cfg, ids, targets, optimizer: str, impls, steps_before: int = 2) -> di
             finally:
                 tracemalloc.stop()
             out[impl] = {"allocations": counter.count, "bytes": counter.bytes, "peak_above_start": peak - base,
+                         "allocations_over_64k": counter.large_count, "bytes_over_64k": counter.large_bytes,
                          "top_sites": counter.top(10)}
         else:
             existing = [p for p in model.torch_params.values()] + [p.grad for p in model.torch_params.values()] + \
@@ -632,6 +640,8 @@ def print_churn(result) -> None:
         what = "NumPy allocations" if impl == "manual" else "torch storages"
         print(f"  {impl:<10} {c['allocations']:>6,} {what}, {human(c['bytes'])} allocated in total, "
               f"peak {human(c['peak_above_start'])} above the step's start")
+        if "allocations_over_64k" in c:
+            print(f"  {'':<10} {c['allocations_over_64k']:>6,} of them over 64 KiB, {human(c['bytes_over_64k'])}")
         for s in c.get("top_sites", []):
             print(f"      {s['count']:>5} x  {human(s['bytes']):>11}  {s['site']}")
 
