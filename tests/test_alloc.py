@@ -83,12 +83,12 @@ def medium_step_counter(workspace):
 
     step()
     step()
-    names, nbytes = list(m.workspace.arrays) if workspace else [], m.workspace.nbytes() if workspace else 0
+    names = (list(m.workspace.arrays), list(m.workspace.scratch), m.workspace.nbytes()) if workspace else None
     gc.collect()
     with NumpyAllocationCounter() as counter:
         step()
     if workspace:   # nothing was added to the workspace by the steady-state step
-        assert list(m.workspace.arrays) == names and m.workspace.nbytes() == nbytes
+        assert (list(m.workspace.arrays), list(m.workspace.scratch), m.workspace.nbytes()) == names
     return counter
 
 

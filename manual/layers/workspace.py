@@ -5,7 +5,7 @@
 Why: a forward + backward of the medium preset otherwise creates about 200 arrays over 64 KiB
 (260 MiB) per step, and every fresh array that large is mapped from the OS and page-faulted in
 again. With a workspace each layer writes its outputs, its gradients and its scratch into arrays
-named after the layer and the field ("h.0.attn.probs", "h.0.mlp.c_fc.dx", "scratch.(8, 128, 256)"),
+named after the layer and the field ("h.0.attn.probs", "h.0.mlp.c_fc.dx"; scratch by shape and dtype),
 created the first time a step asks for them and reused afterwards; a steady-state step allocates
 (almost) nothing. tests/test_alloc.py counts it.
 
@@ -28,31 +28,46 @@ import numpy as np
 class Workspace:
     """Named arrays reused across steps, all of one batch shape; `scope` gives a layer its own names."""
 
-    def __init__(self, batch_shape: tuple[int, int], *, _arrays: dict | None = None, _prefix: str = ""):
+    def __init__(self, batch_shape: tuple[int, int], *, _shared: tuple | None = None, _prefix: str = ""):
         self.batch_shape = tuple(batch_shape)     # (B, T) of every step that uses this workspace
-        self.arrays: dict[str, np.ndarray] = {} if _arrays is None else _arrays   # shared by every scope
+        # shared by every scope: the named arrays, the scratch arrays {(shape, dtype, slot): array}, the scopes
+        self.arrays, self.scratch, self._scopes = ({}, {}, {}) if _shared is None else _shared
         self.prefix = _prefix
 
     def scope(self, name: str) -> "Workspace":
         """The same arrays, with names under `name.` (one scope per layer: 'h.0', then 'attn', ...)."""
-        return Workspace(self.batch_shape, _arrays=self.arrays, _prefix=f"{self.prefix}{name}.")
+        prefix = f"{self.prefix}{name}."
+        sub = self._scopes.get(prefix)         # made once per name (speed: no new object per call)
+        if sub is None:
+            sub = self._scopes[prefix] = Workspace(self.batch_shape, _shared=(self.arrays, self.scratch, self._scopes),
+                                                   _prefix=prefix)
+        return sub
 
     def get(self, name: str, shape, dtype) -> np.ndarray:
         """The array `name` of this scope: created on first use, the same array afterwards."""
-        key, shape, dtype = self.prefix + name, tuple(shape), np.dtype(dtype)
+        key = self.prefix + name
         arr = self.arrays.get(key)
         if arr is None:
             arr = self.arrays[key] = np.empty(shape, dtype=dtype)
-        elif arr.shape != shape or arr.dtype != dtype:
-            raise ValueError(f"workspace array {key!r} is {arr.shape} {arr.dtype}, asked for {shape} {dtype}: "
-                             f"one name must keep one shape (batch shape {self.batch_shape})")
+        elif arr.shape != tuple(shape) or arr.dtype != dtype:
+            raise ValueError(f"workspace array {key!r} is {arr.shape} {arr.dtype}, asked for {tuple(shape)} "
+                             f"{np.dtype(dtype)}: one name must keep one shape (batch shape {self.batch_shape})")
+        return arr
+
+    def get_scratch(self, shape, dtype, slot: int = 0) -> np.ndarray:
+        """The scratch array of this shape, dtype and slot, one for the whole model (see `scratch`)."""
+        key = (tuple(shape), dtype, slot)
+        arr = self.scratch.get(key)
+        if arr is None:
+            arr = self.scratch[key] = np.empty(shape, dtype=dtype)
         return arr
 
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.arrays.values())
+        return sum(a.nbytes for a in self.arrays.values()) + sum(a.nbytes for a in self.scratch.values())
 
     def __repr__(self) -> str:
-        return f"Workspace(batch_shape={self.batch_shape}, {len(self.arrays)} arrays, {self.nbytes():,} bytes)"
+        return (f"Workspace(batch_shape={self.batch_shape}, {len(self.arrays)} named and {len(self.scratch)} scratch "
+                f"arrays, {self.nbytes():,} bytes)")
 
 
 def out(ws: Workspace | None, name: str, shape, dtype):
@@ -79,7 +94,4 @@ def ws_kw(ws: Workspace | None, name: str) -> dict:
 def scratch(ws: Workspace | None, shape, dtype, slot: int = 0):
     """For an `out=` argument whose result is consumed before the layer returns: one array per
     (shape, dtype, slot) for the whole model (at the workspace's root), or None without a workspace."""
-    if ws is None:
-        return None
-    root = Workspace(ws.batch_shape, _arrays=ws.arrays)
-    return root.get(f"scratch.{tuple(shape)}.{np.dtype(dtype)}.{slot}", shape, dtype)
+    return None if ws is None else ws.get_scratch(shape, dtype, slot)
