@@ -133,17 +133,11 @@ def memory_checks(case, path, m, r, ids, targets, sides) -> list[Comparison]:
         del mm, rr, mo, ro
 
     # activations kept for backward
-    predicted = mmem.activation_bytes(cfg, B, T)
     m.forward(ids, targets)
-    measured = m.cache_bytes()
-    out.append(compare_exact(measured, predicted, tensor="activation bytes (manual caches vs closed form)",
-                             check="memory", config=lab))
-    ref_saved = ropt.activation_saved_bytes(r, ids, targets)
-    ratio = measured / ref_saved if ref_saved else float("inf")
-    out.append(Comparison(config=lab, check="memory", tensor="activation bytes ratio manual/reference",
-                          passed=bool(ratio <= 1.0), max_abs=float(ratio), max_rel=float(ratio), tol=1.0,
-                          rule="ratio <= 1", a_value=measured, b_value=ref_saved, scale=1.0,
-                          note=f"manual {measured} B vs autograd saved {ref_saved} B"))
+    out += activation_byte_checks(lab, m.cache_bytes(), mmem.activation_bytes(cfg, B, T),
+                                  ropt.activation_saved_bytes(r, ids, targets),
+                                  "activation bytes (manual caches vs closed form)",
+                                  "activation bytes ratio manual/reference")
 
     # transient peak of forward + backward, tracemalloc against the prediction
     predicted_peak = mmem.peak_bytes(cfg, B, T)
@@ -196,16 +190,20 @@ def recompute_checks(case, path, ids, targets, sides) -> list[Comparison]:
                                  check="memory", config=lab))
         out.append(compare(g_b[name], r.grads[name], tensor=f"{name} grad (recompute=blocks, manual vs reference)",
                            check="memory", config=lab, expect_dtype=dt))
-    predicted = mmem.activation_bytes(cfg, B, T, recompute="blocks")
-    out.append(compare_exact(kept_b, predicted, tensor="activation bytes, recompute=blocks (manual vs closed form)",
-                             check="memory", config=lab))
-    ref_kept = ropt.activation_saved_bytes(r, ids, targets)
-    ratio = kept_b / ref_kept if ref_kept else float("inf")
-    out.append(Comparison(config=lab, check="memory", tensor="activation bytes ratio manual/reference, recompute=blocks",
-                          passed=bool(ratio <= 1.0), max_abs=float(ratio), max_rel=float(ratio), tol=1.0,
-                          rule="ratio <= 1", a_value=kept_b, b_value=ref_kept, scale=1.0,
-                          note=f"manual {kept_b} B vs autograd saved {ref_kept} B"))
+    out += activation_byte_checks(lab, kept_b, mmem.activation_bytes(cfg, B, T, recompute="blocks"),
+                                  ropt.activation_saved_bytes(r, ids, targets),
+                                  "activation bytes, recompute=blocks (manual vs closed form)",
+                                  "activation bytes ratio manual/reference, recompute=blocks")
     return out
+
+
+def activation_byte_checks(lab, measured, predicted, ref_saved, exact_name, ratio_name) -> list[Comparison]:
+    """Manual activation bytes = their closed form, and manual / reference (autograd's saved bytes) <= 1."""
+    ratio = measured / ref_saved if ref_saved else float("inf")
+    return [compare_exact(measured, predicted, tensor=exact_name, check="memory", config=lab),
+            Comparison(config=lab, check="memory", tensor=ratio_name, passed=bool(ratio <= 1.0), max_abs=float(ratio),
+                       max_rel=float(ratio), tol=1.0, rule="ratio <= 1", a_value=measured, b_value=ref_saved,
+                       scale=1.0, note=f"manual {measured} B vs autograd saved {ref_saved} B")]
 
 
 # -- per phase closed forms (tools/memprof.py) ---------------------------------------------------
