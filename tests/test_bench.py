@@ -128,3 +128,10 @@ def test_bench_unknown_preset_is_one_line():
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "unknown" in lines[0] and "tiny" in lines[0] and "medium" in lines[0], r.stderr
+
+
+def test_bench_rejects_unknown_sides_and_too_few_steps():
+    r = _bench("--sides", "manual,gpu")
+    assert r.returncode == 2 and "'gpu'" in r.stderr and "plain" in r.stderr, r.stderr
+    r = _bench("--repeats", "5")
+    assert r.returncode == 2 and "at least 20 steps" in r.stderr, r.stderr
