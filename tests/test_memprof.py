@@ -221,6 +221,9 @@ def test_churn_table(tiny):
     assert all(":" in s["site"] and s["count"] > 0 for s in c["top_sites"])
     assert sum(s["count"] for s in c["top_sites"]) <= c["allocations"]
     assert result["churn"]["reference"]["allocations"] > 0
+    # Model(cfg, workspace=True): the same step without the plain path's large arrays
+    ws = result["churn"]["manual_workspace"]
+    assert c["allocations_over_64k"] > 0 and ws["allocations_over_64k"] == 0 and ws["bytes"] < c["bytes"]
 
 
 def _allocate_800_bytes():

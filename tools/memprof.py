@@ -309,17 +309,21 @@ def churn(cfg, ids, targets, optimizer: str, impls, steps_before: int = 2) -> di
     """Allocations of one steady-state training step (zero_grad, forward, backward, optimizer step),
     after `steps_before` steps so that the optimizer state and every lazy buffer already exist.
 
-    manual: every NumPy allocation (NumpyAllocationCounter), its bytes, the top sites (file: function),
-    and the step's tracemalloc peak above its start. reference: the torch storages operators create
-    in the step (TorchTensorTracker) and their bytes.
+    manual: every NumPy allocation (NumpyAllocationCounter), its bytes, those over 64 KiB, the top sites
+    (file: function), and the step's tracemalloc peak above its start; "manual_workspace" the same for
+    Model(cfg, workspace=True) (manual/layers/workspace.py: arrays reused across steps). reference: the
+    torch storages operators create in the step (TorchTensorTracker) and their bytes.
     """
     import manual
     import reference
 
     out = {}
-    for impl in impls:
-        model = (manual.Model if impl == "manual" else reference.Model)(cfg, seed=0)
-        opt = cmem.memory_optimizer(impl, model, optimizer)
+    runs = [run for impl in impls for run in ([impl, "manual_workspace"] if impl == "manual" else [impl])]
+    for impl in runs:
+        side = "manual" if impl.startswith("manual") else "reference"
+        kwargs = {"workspace": True} if impl == "manual_workspace" else {}
+        model = (manual.Model if side == "manual" else reference.Model)(cfg, seed=0, **kwargs)
+        opt = cmem.memory_optimizer(side, model, optimizer)
 
         def step(model=model, opt=opt):
             opt.zero_grad()
@@ -330,7 +334,7 @@ def churn(cfg, ids, targets, optimizer: str, impls, steps_before: int = 2) -> di
         for _ in range(steps_before):
             step()
         gc.collect()
-        if impl == "manual":
+        if side == "manual":
             tracemalloc.start()
             try:
                 base, _ = tracemalloc.get_traced_memory()
@@ -637,11 +641,11 @@ def print_saved(result) -> None:
 def print_churn(result) -> None:
     print("\nchurn: allocations in one steady-state training step (zero_grad, forward, backward, optimizer step)")
     for impl, c in result["churn"].items():
-        what = "NumPy allocations" if impl == "manual" else "torch storages"
-        print(f"  {impl:<10} {c['allocations']:>6,} {what}, {human(c['bytes'])} allocated in total, "
+        what = "NumPy allocations" if impl.startswith("manual") else "torch storages"
+        print(f"  {impl:<16} {c['allocations']:>6,} {what}, {human(c['bytes'])} allocated in total, "
               f"peak {human(c['peak_above_start'])} above the step's start")
         if "allocations_over_64k" in c:
-            print(f"  {'':<10} {c['allocations_over_64k']:>6,} of them over 64 KiB, {human(c['bytes_over_64k'])}")
+            print(f"  {'':<16} {c['allocations_over_64k']:>6,} of them over 64 KiB, {human(c['bytes_over_64k'])}")
         for s in c.get("top_sites", []):
             print(f"      {s['count']:>5} x  {human(s['bytes']):>11}  {s['site']}")
 
