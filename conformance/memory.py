@@ -158,7 +158,9 @@ def recompute_checks(case, path, ids, targets, sides) -> list[Comparison]:
         (the recomputed forward is the same arithmetic on the same block input);
       - reference (torch.utils.checkpoint) with recompute against manual with recompute: the suite's
         tolerances, per parameter gradient;
-      - manual activation bytes with recompute = manual.memory.activation_bytes(..., recompute="blocks");
+      - manual activation bytes with recompute = manual.memory.activation_bytes(..., recompute="blocks"),
+        measured on the cached buffers themselves (manual.memory.cache_tensors), not through the
+        model's own cache_bytes() (which the recompute="none" check above reads);
       - manual / reference activation bytes <= 1 with recompute (reference.optim.activation_saved_bytes:
         checkpoint keeps each block's input through save_for_backward, so autograd's saved tensors
         include them; tests/test_recompute.py checks that they do).
@@ -175,7 +177,7 @@ def recompute_checks(case, path, ids, targets, sides) -> list[Comparison]:
     for mode in ("none", "blocks"):
         m = sides.manual.load(path, recompute=mode)
         loss = m.forward(ids, targets)
-        kept = m.cache_bytes()
+        kept = sum(row["bytes"] for row in manual_cache_tensors(m))   # the cached buffers themselves
         m.backward()
         runs[mode] = (loss, kept, m.grads)
     r = sides.reference.load(path, recompute="blocks")
