@@ -25,6 +25,12 @@ Taps: `GPT.forward(..., taps=dict)` fills `taps` with the named intermediate ten
 manual.registry.tap_specs(cfg), in forward order, and calls `retain_grad()` on each, so
 after `loss.backward()` every tap's `.grad` is d loss / d tap.
 
+Activation recomputation (`GPT(cfg, recompute="blocks")`, default "none"): each block runs under
+torch.utils.checkpoint (use_reentrant=False), which keeps the block's input and runs the block's
+forward again inside backward, as manual's Model(cfg, recompute="blocks") does. Taps inside the
+blocks are then not recorded (keeping them would keep what recomputation frees): only the block
+outputs h.{i}.out and the taps outside the blocks (manual.memory.kept_tap_names).
+
 Weight layout (the checked one-to-one copy in `load_params` / `export_params`): no transposes
 are needed, because both sides store every weight in the canonical layout. Conv1D weights
 (c_attn, c_proj, c_fc, mtp.{j}) are [in, out] here as in the checkpoint (y = x @ W + b, like
@@ -40,9 +46,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from manual.checkpoint import CheckpointError, check_params
 from manual.config import ModelConfig
+from manual.memory import RECOMPUTE
 from manual.registry import future_targets, param_specs
 
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -173,9 +181,12 @@ class GPT(nn.Module):
     loads manual.registry.init_params(cfg, seed) instead, so both sides start equal.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, recompute: str = "none"):
         super().__init__()
+        if recompute not in RECOMPUTE:
+            raise ValueError(f"recompute must be one of {RECOMPUTE}, got {recompute!r}")
         self.cfg = cfg
+        self.recompute = recompute
         C = cfg.d_model
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(cfg.vocab_size, C),                         # (V, C)
@@ -203,7 +214,12 @@ class GPT(nn.Module):
         pos = torch.arange(T, dtype=torch.long)                                         # (T,)
         x = _tap(taps, "embed.out", self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, taps, f"h.{i}")                                                # (B, T, C)
+            if self.recompute == "none":
+                x = block(x, taps, f"h.{i}")                                            # (B, T, C)
+            elif torch.is_grad_enabled():   # keeps x; the block's forward runs again in backward
+                x = _tap(taps, f"h.{i}.out", checkpoint(block, x, None, f"h.{i}", use_reentrant=False))
+            else:
+                x = _tap(taps, f"h.{i}.out", block(x, None, f"h.{i}"))                  # (B, T, C)
         x = _tap(taps, "ln_f.out", self.transformer.ln_f(x))                            # (B, T, C)
         heads = [_tap(taps, "logits", self.lm_head(x))]                                 # (B, T, V)
         for j in range(2, cfg.n_future + 1):
@@ -284,13 +300,13 @@ def export_params(module: GPT) -> dict[str, np.ndarray]:
     return out
 
 
-def build(cfg: ModelConfig) -> GPT:
+def build(cfg: ModelConfig, recompute: str = "none") -> GPT:
     """A GPT of `cfg` in cfg.dtype with uninitialised Parameters (fill them with load_params).
 
     Built on the meta device, so no time goes into an initialisation that is overwritten.
     """
     with torch.device("meta"):
-        module = GPT(cfg)
+        module = GPT(cfg, recompute)
     module = module.to_empty(device="cpu").to(TORCH_DTYPES[cfg.dtype])
     mask = causal_mask(cfg.max_seq_len)
     for block in module.transformer.h:          # buffers are emptied by to_empty too: rebuild the mask

@@ -11,12 +11,18 @@ Backward (derivation as in llm.c's doc/layernorm): with g = dy * w (the gradient
 Cache: LayerNormCache(xhat, rstd, w) = B*T*C + B*T numbers (w is the parameter, no bytes of its own).
 We keep xhat rather than x: backward needs xhat twice and x only through xhat, so caching
 x would force recomputing (x - mean) * rstd and keeping mean too (B*T more).
+
+`ws` (manual/layers/workspace.py): with a Workspace, xhat, y and dx are the layer's named arrays and
+the squares / products go into a shared scratch: no fresh (B, T, C) array per call (the plain path,
+ws=None, allocates them; the arithmetic is the same, operation for operation).
 """
 from __future__ import annotations
 
 from typing import NamedTuple
 
 import numpy as np
+
+from .workspace import out, scratch
 
 
 class LayerNormCache(NamedTuple):
@@ -25,14 +31,14 @@ class LayerNormCache(NamedTuple):
     w: np.ndarray              # (C,) the weight (the parameter itself), for dx
 
 
-def layernorm_forward(x, w, b, eps):
+def layernorm_forward(x, w, b, eps, ws=None):
     """x (B, T, C), w (C,), b (C,) or None -> y (B, T, C)."""
     C = x.shape[-1]
     # the means are written as sum / C: the same arithmetic as np.mean, without its Python overhead
     mean = x.sum(axis=-1, keepdims=True)                       # (B, T, 1)
     mean /= C
-    xc = x - mean                                              # (B, T, C)
-    var = np.square(xc).sum(axis=-1, keepdims=True)            # (B, T, 1)
+    xc = np.subtract(x, mean, out=out(ws, "xhat", x.shape, x.dtype))             # (B, T, C)
+    var = np.square(xc, out=scratch(ws, x.shape, x.dtype)).sum(axis=-1, keepdims=True)  # (B, T, 1)
     var /= C                                                   # biased variance
     over = ~np.isfinite(var[..., 0])                           # (B, T) rows whose sum of squares overflowed
     var += eps                                                 # (eps is a weak Python float)
@@ -42,7 +48,7 @@ def layernorm_forward(x, w, b, eps):
     xhat = xc
     if over.any():                                             # else rstd = 1/inf = 0 would hide it as xhat = 0
         xhat[over], rstd[over] = _rescaled_rows(x[over], eps)
-    y = xhat * w                                               # (B, T, C)
+    y = np.multiply(xhat, w, out=out(ws, "y", x.shape, x.dtype))  # (B, T, C)
     if b is not None:
         y += b
     return y, LayerNormCache(xhat, rstd, w)
@@ -64,19 +70,20 @@ def _rescaled_rows(x, eps):
     return u * r, np.ldexp(r, -e)                              # (N, C), (N, 1)
 
 
-def layernorm_backward(dy, cache, dw, db=None):
+def layernorm_backward(dy, cache, dw, db=None, ws=None):
     """Returns dx (B, T, C); accumulates dw, db (C,)."""
     xhat, rstd, w = cache.xhat, cache.rstd, cache.w
-    dw += (dy * xhat).reshape(-1, dy.shape[-1]).sum(axis=0)   # (C,)
+    tmp = scratch(ws, dy.shape, dy.dtype)                      # (B, T, C) products, consumed at once
+    dw += np.multiply(dy, xhat, out=tmp).reshape(-1, dy.shape[-1]).sum(axis=0)   # (C,)
     if db is not None:
         db += dy.reshape(-1, dy.shape[-1]).sum(axis=0)         # (C,)
     C = dy.shape[-1]
-    g = dy * w                                                 # (B, T, C) dL/dxhat
+    g = np.multiply(dy, w, out=out(ws, "dx", dy.shape, dy.dtype))   # (B, T, C) dL/dxhat
     g_mean = g.sum(axis=-1, keepdims=True)                     # (B, T, 1)
     g_mean /= C                                                # mean_c(g) (sum / C, as np.mean)
-    gx_mean = (g * xhat).sum(axis=-1, keepdims=True)           # (B, T, 1)
+    gx_mean = np.multiply(g, xhat, out=tmp).sum(axis=-1, keepdims=True)   # (B, T, 1)
     gx_mean /= C                                               # mean_c(g * xhat)
     g -= g_mean
-    g -= xhat * gx_mean
+    g -= np.multiply(xhat, gx_mean, out=tmp)
     g *= rstd                                                  # dx, in place (B, T, C)
     return g
