@@ -125,7 +125,13 @@ class Model:
         self.debug = bool(debug)
         self.flash_block = int(flash_block)   # keys per block of 'flash' attention
         self.params = init_params(cfg, seed) if _params is None else _params
-        self.grads = {name: np.zeros_like(arr) for name, arr in self.params.items()}
+        # All gradients live in one zeroed buffer; model.grads[name] are views into it, so that
+        # zeroing, clipping and AdamW can each run over the whole buffer at once (manual/optim.py).
+        self.grad_buffer = np.zeros(sum(arr.size for arr in self.params.values()), dtype=cfg.dtype)   # (P,)
+        self.grads, offset = {}, 0
+        for name, arr in self.params.items():
+            self.grads[name] = self.grad_buffer[offset:offset + arr.size].reshape(arr.shape)
+            offset += arr.size
         self._dtype = np.dtype(cfg.dtype)
         self._param_shapes = param_shapes(cfg)
         self._tap_names = [s.name for s in tap_specs(cfg)]
