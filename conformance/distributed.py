@@ -1,0 +1,312 @@
+"""The distributed check: N gloo ranks on localhost equal one process, for both implementations.
+
+    python -m conformance --distributed 2          # or: run_distributed(world=2) -> [Comparison, ...]
+
+It spawns N processes (torch.multiprocessing, start method "spawn"; the rendezvous is a TCPStore
+this process hosts on a port the OS picks, so two checks never collide). Each rank builds its
+model from its OWN seed (rank r uses seed r), so only the broadcast from rank 0 makes them agree,
+runs the glue of parallel/dp.py and writes what it saw to a safetensors file; this process
+recomputes everything in ONE process on the concatenated global batch (the oracle) and compares,
+in float64, within the suite's 1e-9 of each tensor's scale (conformance/compare.py). The only
+legitimate difference is the order of the sums inside the all-reduce and the loss weighting.
+
+Scenarios (SCENARIOS), each for the manual side (ManualDP: one all-reduce over the flat gradient
+buffer) and the reference side (DistributedDataParallel):
+
+    uneven_pad       K = 1; the last rank's shard is all PAD but one target
+    pad_only_shard   K = 1; rank 1's shard is entirely PAD
+    accum3           K = 3 micro-steps, PAD uneven across ranks and micro-steps (one micro-shard all PAD)
+    adamw20          20 AdamW steps (clip 1.0, decay groups), K = 1, a new unevenly padded batch each step
+
+Rows, in the order a bug shows up first (so the first failing row localises it):
+    init.param.<name>         every rank's weights after the broadcast            vs rank 0's seed
+    micro<k>.grad.<name>      sum over ranks of the weighted local gradients after micro-step k < K
+                              (a check-only all-reduce)            vs the oracle's first k micro-batches
+    grad.<name>, loss         every rank's gradient after the step's all-reduce   vs one process
+    step<s>.grad / .param     the trajectory, every rank, step s = 1..20          vs one process
+    final.optim.<key>.<name>  the AdamW state after 20 steps
+and then manual-DP against reference-DDP (rank 0, every recorded tensor).
+
+The faults of parallel/dp.py (FAULTS) are injected with fault=...; tests/test_distributed.py
+proves each is caught and localised.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from manual.config import ModelConfig
+
+from .compare import Comparison, compare
+
+IMPLS = ("manual", "reference")
+CHECK = "distributed"
+STEPS = 20
+LR, WEIGHT_DECAY, CLIP = 1e-2, 0.1, 1.0
+ROWS_PER_SHARD = 2
+
+
+def config() -> ModelConfig:
+    """A small float64 model: the check is about the glue, not the size (every layer kind is in it)."""
+    return ModelConfig.preset("tiny", vocab_size=50, d_model=32, n_heads=4, d_ff=64, n_layers=2, max_seq_len=8,
+                              dtype="float64")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    accum: int
+    steps: int            # 0: one gradient step without an optimizer; > 0: an AdamW trajectory
+
+    def batches(self, cfg: ModelConfig, world: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The global batches (same on every rank: a pure function of the scenario and the world size)."""
+        rng = np.random.default_rng(1234 + world)
+        b, K, T, pad = ROWS_PER_SHARD, self.accum, cfg.max_seq_len, cfg.pad_id
+        B = b * world * K
+        out = []
+        for _ in range(max(1, self.steps)):
+            x = rng.integers(0, cfg.vocab_size, size=(B, T))                               # (B, T)
+            y = rng.integers(1, cfg.vocab_size, size=(B, T))                               # (B, T) no PAD yet
+            y[rng.random((B, T)) < 0.2] = pad                                              # some PAD everywhere
+
+            def rows(k, r):
+                return slice((k * world + r) * b, (k * world + r + 1) * b)
+
+            last = rows(0, world - 1)
+            y[last] = pad
+            y[last.start, 0] = 1 + int(rng.integers(0, cfg.vocab_size - 1))                 # one target left
+            if self.name == "pad_only_shard":
+                y[rows(0, 1)] = pad
+            if K > 1:
+                y[rows(1, 0)] = pad                                                        # a micro-shard all PAD
+            out.append((x.astype(np.int64), y.astype(np.int64)))
+        return out
+
+
+SCENARIOS = (Scenario("uneven_pad", 1, 0), Scenario("pad_only_shard", 1, 0), Scenario("accum3", 3, 0),
+             Scenario("adamw20", 1, STEPS))
+
+
+# ----------------------------------------------------------------------------------------------
+# both sides' models and optimizers, the same in the oracle and on the ranks
+
+def _model(impl: str, cfg: ModelConfig, seed: int):
+    if impl == "manual":
+        import manual
+        return manual.Model(cfg, seed=seed)
+    import reference
+    return reference.Model(cfg, seed=seed)
+
+
+def _optimizer(impl: str, model):
+    """AdamW with the registry's decay groups and a clip function (the trainer's setup)."""
+    if impl == "manual":
+        from manual.optim import AdamW, clip_grad_norm_
+        from manual.registry import decay_groups
+        opt = AdamW(model.params, model.grads, lr=LR, groups=decay_groups(model.cfg, WEIGHT_DECAY))
+        return opt, lambda: clip_grad_norm_(model.grads, CLIP)
+    from reference.training import TorchOptimizer, clip_functions
+    opt = TorchOptimizer(model, "adamw", lr=LR, weight_decay=WEIGHT_DECAY)
+    clip = clip_functions(model)[0]
+    return opt, lambda: clip(CLIP)
+
+
+def _copy(d: dict, prefix: str) -> dict[str, np.ndarray]:
+    return {prefix + n: np.array(v, dtype=np.float64, copy=True) for n, v in d.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# the ranks
+
+def _worker(rank: int, world: int, port: int, outdir: str, fault: str | None, impls: tuple, scenarios: tuple):
+    import torch
+    import torch.distributed as dist
+    from safetensors.numpy import save_file
+
+    from parallel import dp
+    torch.set_num_threads(1)
+    store = dist.TCPStore("127.0.0.1", port, world + 1, is_master=False, timeout=__import__("datetime").timedelta(seconds=60))
+    ctx = dp.init(rank, world, store=store, timeout_s=60)
+    cfg = config()
+    try:
+        for impl in impls:
+            for sc in scenarios:
+                rec: dict[str, np.ndarray] = {}
+                model = _model(impl, cfg, seed=rank)          # differs per rank: the broadcast must fix it
+                glue = dp.make(impl, model, ctx, accum=sc.accum, fault=fault)
+                glue.broadcast_params()
+                rec.update(_copy(model.params, "init.param."))
+
+                def observe(k, local, rec=rec):
+                    names = list(local)
+                    flat = torch.from_numpy(np.concatenate([np.ravel(local[n]) for n in names]))
+                    dist.all_reduce(flat)                     # check only: the sum of the ranks' contributions
+                    off = 0
+                    for n in names:
+                        size = local[n].size
+                        rec[f"micro{k + 1}.grad.{n}"] = flat[off:off + size].numpy().reshape(local[n].shape).copy()
+                        off += size
+
+                batches = sc.batches(cfg, world)
+                if sc.steps == 0:
+                    xb, yb = batches[0]
+                    loss = glue.step(xb, yb, observe)
+                    rec.update(_copy(model.grads, "grad."))
+                    rec["loss"] = np.array(loss, dtype=np.float64)
+                else:
+                    opt, clip = _optimizer(impl, model)
+                    for s, (xb, yb) in enumerate(batches, start=1):
+                        opt.zero_grad()
+                        glue.step(xb, yb)
+                        rec.update(_copy(model.grads, f"step{s}.grad."))
+                        clip()
+                        opt.step()
+                        rec.update(_copy(model.params, f"step{s}.param."))
+                    rec.update(_copy(opt.state_dict()[0], "final."))
+                save_file(rec, os.path.join(outdir, f"{impl}.{sc.name}.rank{rank}.safetensors"))
+    finally:
+        dp.shutdown()
+
+
+# ----------------------------------------------------------------------------------------------
+# the single process (the oracle)
+
+def _oracle(impl: str, cfg: ModelConfig, sc: Scenario, world: int) -> dict[str, np.ndarray]:
+    rec: dict[str, np.ndarray] = {}
+    model = _model(impl, cfg, seed=0)
+    rec.update(_copy(model.params, "init.param."))
+    batches = sc.batches(cfg, world)
+    if sc.steps == 0:
+        xb, yb = batches[0]
+        N = int(np.count_nonzero(yb != cfg.pad_id))
+        chunk = len(xb) // sc.accum                      # micro-step k of every rank: one contiguous chunk
+        acc = None
+        for k in range(sc.accum - 1):
+            x, y = xb[k * chunk:(k + 1) * chunk], yb[k * chunk:(k + 1) * chunk]
+            n = int(np.count_nonzero(y != cfg.pad_id))
+            model.zero_grad()
+            if n:
+                model.forward(x, y)
+                model.backward()
+            part = {name: g * (n / N) for name, g in model.grads.items()}
+            acc = part if acc is None else {name: acc[name] + part[name] for name in part}
+            rec.update(_copy(acc, f"micro{k + 1}.grad."))
+        model.zero_grad()
+        rec["loss"] = np.array(model.forward(xb, yb), dtype=np.float64)
+        model.backward()
+        rec.update(_copy(model.grads, "grad."))
+    else:
+        opt, clip = _optimizer(impl, model)
+        for s, (xb, yb) in enumerate(batches, start=1):
+            opt.zero_grad()
+            model.forward(xb, yb)
+            model.backward()
+            rec.update(_copy(model.grads, f"step{s}.grad."))
+            clip()
+            opt.step()
+            rec.update(_copy(model.params, f"step{s}.param."))
+        rec.update(_copy(opt.state_dict()[0], "final."))
+    return rec
+
+
+# ----------------------------------------------------------------------------------------------
+# the check
+
+def _order(key: str) -> tuple:
+    """init, micro-steps, gradient, loss, then the trajectory step by step, then the final state."""
+    head = key.split(".", 1)[0]
+    if head == "init":
+        return (0, 0, key)
+    if head.startswith("micro"):
+        return (1, int(head[5:]), key)
+    if head in ("grad", "loss"):
+        return (2, 0, key)
+    if head.startswith("step"):
+        return (3, int(head[4:]), 0 if ".grad." in key else 1, key)
+    return (4, 0, key)
+
+
+def _step_of(key: str) -> int | None:
+    head = key.split(".", 1)[0]
+    for prefix in ("micro", "step"):
+        if head.startswith(prefix):
+            return int(head[len(prefix):])
+    return None
+
+
+def spawn(world: int, outdir: str, fault: str | None = None, impls=IMPLS, scenarios=SCENARIOS) -> None:
+    """Run the ranks; raise RuntimeError with the failing rank's last line if one fails."""
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+    store = dist.TCPStore("127.0.0.1", 0, world + 1, is_master=True, wait_for_workers=False)   # the OS picks the port
+    try:
+        mp.start_processes(_worker, args=(world, store.port, outdir, fault, tuple(impls), tuple(scenarios)),
+                           nprocs=world, join=True, start_method="spawn")
+    except mp.ProcessRaisedException as exc:
+        lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+        raise RuntimeError(f"a rank failed: {lines[0]} ... {lines[-1]}") from None
+    finally:
+        del store
+
+
+def run_distributed(world: int = 2, fault: str | None = None, impls=IMPLS, scenarios=SCENARIOS) -> list[Comparison]:
+    """Spawn `world` gloo ranks, run every scenario on each implementation, and compare against one
+    process (and manual-DP against reference-DDP). Returns the Comparison rows, in localisation order."""
+    from safetensors.numpy import load_file
+    if isinstance(world, bool) or not isinstance(world, int) or world < 2:
+        raise ValueError(f"--distributed needs a world size >= 2 (the pad_only_shard scenario needs rank 1), "
+                         f"got {world!r}")
+    cfg = config()
+    rows: list[Comparison] = []
+    with tempfile.TemporaryDirectory(prefix="conformance-dist-") as outdir:
+        try:
+            spawn(world, outdir, fault, impls, scenarios)
+        except RuntimeError as exc:
+            return [Comparison(config=f"dist{world}", check=CHECK, tensor="run", passed=False, max_abs=math.inf,
+                               max_rel=math.inf, note=str(exc))]
+        got = {(impl, sc.name, r): load_file(os.path.join(outdir, f"{impl}.{sc.name}.rank{r}.safetensors"))
+               for impl in impls for sc in scenarios for r in range(world)}
+    for sc in scenarios:
+        for impl in impls:
+            want = _oracle(impl, cfg, sc, world)
+            label = f"dist{world}/{impl}/{sc.name}" + (f"/fault={fault}" if fault else "")
+            for key in sorted(want, key=_order):
+                for r in range(world):
+                    if key.startswith("micro") and r > 0:     # the check-only sum is the same on every rank
+                        continue
+                    a = got[(impl, sc.name, r)].get(key)
+                    row = compare(a if a is not None else np.full((0,), np.nan), want[key], tensor=key,
+                                  check=CHECK, config=label, step=_step_of(key), expect_dtype=np.float64,
+                                  note=f"rank {r}")
+                    row.extra["rank"] = r
+                    rows.append(row)
+        if len(impls) == 2:
+            m, ref = got[("manual", sc.name, 0)], got[("reference", sc.name, 0)]
+            for key in sorted(ref, key=_order):
+                row = compare(m.get(key, np.full((0,), np.nan)), ref[key], tensor=key, check=CHECK,
+                              config=f"dist{world}/manual-vs-ddp/{sc.name}", step=_step_of(key),
+                              expect_dtype=np.float64, note="rank 0")
+                row.extra["rank"] = 0
+                rows.append(row)
+    return rows
+
+
+def first_divergence(rows: list[Comparison]) -> Comparison | None:
+    """The first failing row: the tensor, the scenario and the step or micro-step where a bug shows first."""
+    return next((c for c in rows if not c.passed), None)
+
+
+def summary(rows: list[Comparison]) -> str:
+    """One line: rows, failures, and the measured agreement (the largest max_rel of the passing rows)."""
+    ok = [c for c in rows if c.passed]
+    worst = max((c.max_rel for c in ok), default=0.0)
+    bad = first_divergence(rows)
+    text = f"distributed: {len(rows)} comparisons, {len(rows) - len(ok)} failing; largest max_rel {worst:.2e}"
+    if bad is not None:
+        where = f" {bad.tensor}" + (f" (step/micro-step {bad.step})" if bad.step is not None else "")
+        text += f"; first divergence: {bad.config}{where} on {bad.note}"
+    return text
