@@ -22,7 +22,7 @@ Rows, in the order a bug shows up first (so the first failing row localises it):
     init.param.<name>         every rank's weights after the broadcast            vs rank 0's seed
     micro<k>.grad.<name>      sum over ranks of the weighted local gradients after micro-step k < K
                               (a check-only all-reduce)            vs the oracle's first k micro-batches
-    grad.<name>, loss         every rank's gradient after the step's all-reduce   vs one process
+    loss, grad.<name>         every rank's global loss, and gradient after the all-reduce   vs one process
     step<s>.grad / .param     the trajectory, every rank, step s = 1..20          vs one process
     final.optim.<key>.<name>  the AdamW state after 20 steps
 and then manual-DP against reference-DDP (rank 0, every recorded tensor).
@@ -32,6 +32,7 @@ proves each is caught and localised.
 """
 from __future__ import annotations
 
+import datetime
 import math
 import os
 import tempfile
@@ -48,6 +49,7 @@ CHECK = "distributed"
 STEPS = 20
 LR, WEIGHT_DECAY, CLIP = 1e-2, 0.1, 1.0
 ROWS_PER_SHARD = 2
+TIMEOUT_S = 60.0          # a rank that waits longer than this in a collective raises instead of hanging
 
 
 def config() -> ModelConfig:
@@ -122,54 +124,68 @@ def _copy(d: dict, prefix: str) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------------------------
 # the ranks
 
-def _worker(rank: int, world: int, port: int, outdir: str, fault: str | None, impls: tuple, scenarios: tuple):
+def _worker(rank: int, world: int, port: int, outdir: str, plan: tuple, impls: tuple):
+    import torch
+    import torch.distributed as dist
+
+    from parallel import dp
+    torch.set_num_threads(1)
+    store = dist.TCPStore("127.0.0.1", port, world + 1, is_master=False, timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    ctx = dp.init(rank, world, store=store, timeout_s=TIMEOUT_S)
+    cfg = config()
+    try:
+        for fault, scenarios in plan:
+            _rank_runs(rank, world, ctx, cfg, outdir, fault, impls, scenarios)
+    finally:
+        dp.shutdown()
+
+
+def _rank_runs(rank, world, ctx, cfg, outdir, fault, impls, scenarios):
+    """One rank's runs of every (impl, scenario) with `fault` injected (None: the correct glue)."""
     import torch
     import torch.distributed as dist
     from safetensors.numpy import save_file
 
     from parallel import dp
-    torch.set_num_threads(1)
-    store = dist.TCPStore("127.0.0.1", port, world + 1, is_master=False, timeout=__import__("datetime").timedelta(seconds=60))
-    ctx = dp.init(rank, world, store=store, timeout_s=60)
-    cfg = config()
-    try:
-        for impl in impls:
-            for sc in scenarios:
-                rec: dict[str, np.ndarray] = {}
-                model = _model(impl, cfg, seed=rank)          # differs per rank: the broadcast must fix it
-                glue = dp.make(impl, model, ctx, accum=sc.accum, fault=fault)
-                glue.broadcast_params()
-                rec.update(_copy(model.params, "init.param."))
+    for impl in impls:
+        for sc in scenarios:
+            rec: dict[str, np.ndarray] = {}
+            model = _model(impl, cfg, seed=rank)          # differs per rank: the broadcast must fix it
+            glue = dp.make(impl, model, ctx, accum=sc.accum, fault=fault)
+            glue.broadcast_params()
+            rec.update(_copy(model.params, "init.param."))
 
-                def observe(k, local, rec=rec):
-                    names = list(local)
-                    flat = torch.from_numpy(np.concatenate([np.ravel(local[n]) for n in names]))
-                    dist.all_reduce(flat)                     # check only: the sum of the ranks' contributions
-                    off = 0
-                    for n in names:
-                        size = local[n].size
-                        rec[f"micro{k + 1}.grad.{n}"] = flat[off:off + size].numpy().reshape(local[n].shape).copy()
-                        off += size
+            def observe(k, local, rec=rec):
+                names = list(local)
+                flat = torch.from_numpy(np.concatenate([np.ravel(local[n]) for n in names]))
+                dist.all_reduce(flat)                     # check only: the sum of the ranks' contributions
+                off = 0
+                for n in names:
+                    size = local[n].size
+                    rec[f"micro{k + 1}.grad.{n}"] = flat[off:off + size].numpy().reshape(local[n].shape).copy()
+                    off += size
 
-                batches = sc.batches(cfg, world)
-                if sc.steps == 0:
-                    xb, yb = batches[0]
-                    loss = glue.step(xb, yb, observe)
-                    rec.update(_copy(model.grads, "grad."))
-                    rec["loss"] = np.array(loss, dtype=np.float64)
-                else:
-                    opt, clip = _optimizer(impl, model)
-                    for s, (xb, yb) in enumerate(batches, start=1):
-                        opt.zero_grad()
-                        glue.step(xb, yb)
-                        rec.update(_copy(model.grads, f"step{s}.grad."))
-                        clip()
-                        opt.step()
-                        rec.update(_copy(model.params, f"step{s}.param."))
-                    rec.update(_copy(opt.state_dict()[0], "final."))
-                save_file(rec, os.path.join(outdir, f"{impl}.{sc.name}.rank{rank}.safetensors"))
-    finally:
-        dp.shutdown()
+            batches = sc.batches(cfg, world)
+            if sc.steps == 0:
+                xb, yb = batches[0]
+                loss = glue.step(xb, yb, observe)
+                rec.update(_copy(model.grads, "grad."))
+                rec["loss"] = np.array(loss, dtype=np.float64)
+            else:
+                opt, clip = _optimizer(impl, model)
+                for s, (xb, yb) in enumerate(batches, start=1):
+                    opt.zero_grad()
+                    glue.step(xb, yb)
+                    rec.update(_copy(model.grads, f"step{s}.grad."))
+                    clip()
+                    opt.step()
+                    rec.update(_copy(model.params, f"step{s}.param."))
+                rec.update(_copy(opt.state_dict()[0], "final."))
+            save_file(rec, _path(outdir, fault, impl, sc, rank))
+
+
+def _path(outdir, fault, impl, sc, rank) -> str:
+    return os.path.join(outdir, f"{fault or 'clean'}.{impl}.{sc.name}.rank{rank}.safetensors")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,15 +235,18 @@ def _oracle(impl: str, cfg: ModelConfig, sc: Scenario, world: int) -> dict[str, 
 def _order(key: str) -> tuple:
     """init, micro-steps, gradient, loss, then the trajectory step by step, then the final state."""
     head = key.split(".", 1)[0]
+    # (a stable sort: within one group, tensors stay in the registry's order)
     if head == "init":
-        return (0, 0, key)
+        return (0, 0)
     if head.startswith("micro"):
-        return (1, int(head[5:]), key)
-    if head in ("grad", "loss"):
-        return (2, 0, key)
+        return (1, int(head[5:]))
+    if head == "loss":                  # the forward first: wrong data shows in the loss before the gradients
+        return (2, 0)
+    if head == "grad":
+        return (2, 1)
     if head.startswith("step"):
-        return (3, int(head[4:]), 0 if ".grad." in key else 1, key)
-    return (4, 0, key)
+        return (3, int(head[4:]), 0 if ".grad." in key else 1)
+    return (4, 0)
 
 
 def _step_of(key: str) -> int | None:
@@ -238,17 +257,19 @@ def _step_of(key: str) -> int | None:
     return None
 
 
-def spawn(world: int, outdir: str, fault: str | None = None, impls=IMPLS, scenarios=SCENARIOS) -> None:
-    """Run the ranks; raise RuntimeError with the failing rank's last line if one fails."""
+def spawn(world: int, outdir: str, plan: tuple, impls=IMPLS) -> None:
+    """Run the ranks over `plan` ((fault, scenarios), ...); RuntimeError with one line if a rank fails."""
     import torch.distributed as dist
     import torch.multiprocessing as mp
     store = dist.TCPStore("127.0.0.1", 0, world + 1, is_master=True, wait_for_workers=False)   # the OS picks the port
     try:
-        mp.start_processes(_worker, args=(world, store.port, outdir, fault, tuple(impls), tuple(scenarios)),
+        mp.start_processes(_worker, args=(world, store.port, outdir, plan, tuple(impls)),
                            nprocs=world, join=True, start_method="spawn")
     except mp.ProcessRaisedException as exc:
         lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
         raise RuntimeError(f"a rank failed: {lines[0]} ... {lines[-1]}") from None
+    except mp.ProcessExitedException as exc:
+        raise RuntimeError(f"a rank died: {exc}") from None
     finally:
         del store
 
@@ -256,20 +277,42 @@ def spawn(world: int, outdir: str, fault: str | None = None, impls=IMPLS, scenar
 def run_distributed(world: int = 2, fault: str | None = None, impls=IMPLS, scenarios=SCENARIOS) -> list[Comparison]:
     """Spawn `world` gloo ranks, run every scenario on each implementation, and compare against one
     process (and manual-DP against reference-DDP). Returns the Comparison rows, in localisation order."""
+    return run_plan(world, ((fault, tuple(scenarios)),), impls)[fault]
+
+
+def run_plan(world: int, plan, impls=IMPLS) -> dict:
+    """Several runs in ONE spawn of the ranks (the processes' start-up is most of the time):
+    plan = ((fault or None, scenarios), ...) -> {fault: rows}."""
     from safetensors.numpy import load_file
     if isinstance(world, bool) or not isinstance(world, int) or world < 2:
         raise ValueError(f"--distributed needs a world size >= 2 (the pad_only_shard scenario needs rank 1), "
                          f"got {world!r}")
+    plan = tuple((fault, tuple(scs)) for fault, scs in plan)
+    for fault, _ in plan:
+        if fault is not None and fault not in _faults():
+            raise ValueError(f"unknown distributed fault {fault!r}; choose one of {sorted(_faults())}")
     cfg = config()
-    rows: list[Comparison] = []
+    out: dict = {}
     with tempfile.TemporaryDirectory(prefix="conformance-dist-") as outdir:
         try:
-            spawn(world, outdir, fault, impls, scenarios)
+            spawn(world, outdir, plan, impls)
         except RuntimeError as exc:
-            return [Comparison(config=f"dist{world}", check=CHECK, tensor="run", passed=False, max_abs=math.inf,
-                               max_rel=math.inf, note=str(exc))]
-        got = {(impl, sc.name, r): load_file(os.path.join(outdir, f"{impl}.{sc.name}.rank{r}.safetensors"))
-               for impl in impls for sc in scenarios for r in range(world)}
+            return {fault: [Comparison(config=f"dist{world}", check=CHECK, tensor="run", passed=False,
+                                       max_abs=math.inf, max_rel=math.inf, note=str(exc))] for fault, _ in plan}
+        for fault, scenarios in plan:
+            got = {(impl, sc.name, r): load_file(_path(outdir, fault, impl, sc, r))
+                   for impl in impls for sc in scenarios for r in range(world)}
+            out[fault] = _rows(cfg, world, fault, impls, scenarios, got)
+    return out
+
+
+def _faults() -> dict:
+    from parallel.dp import FAULTS
+    return FAULTS
+
+
+def _rows(cfg, world, fault, impls, scenarios, got) -> list[Comparison]:
+    rows: list[Comparison] = []
     for sc in scenarios:
         for impl in impls:
             want = _oracle(impl, cfg, sc, world)
@@ -288,8 +331,8 @@ def run_distributed(world: int = 2, fault: str | None = None, impls=IMPLS, scena
             m, ref = got[("manual", sc.name, 0)], got[("reference", sc.name, 0)]
             for key in sorted(ref, key=_order):
                 row = compare(m.get(key, np.full((0,), np.nan)), ref[key], tensor=key, check=CHECK,
-                              config=f"dist{world}/manual-vs-ddp/{sc.name}", step=_step_of(key),
-                              expect_dtype=np.float64, note="rank 0")
+                              config=f"dist{world}/manual-vs-ddp/{sc.name}" + (f"/fault={fault}" if fault else ""),
+                              step=_step_of(key), expect_dtype=np.float64, note="rank 0")
                 row.extra["rank"] = 0
                 rows.append(row)
     return rows

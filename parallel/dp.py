@@ -278,6 +278,8 @@ class ReferenceDP(_Glue):
         self.model.zero_grad()
         loss_sum = 0.0
         for k, (x, y) in enumerate(micro):
+            if len(x) == 0:   # an empty shard (B < W K): a stand-in row, weighted 0, so this rank joins DDP's all-reduce
+                x = y = np.full((1, 1), self.cfg.pad_id, dtype=np.int64)
             ids = torch.from_numpy(check_ids(self.cfg, x))
             tgt = torch.from_numpy(check_ids(self.cfg, y, what="target id", name="targets"))
             sync = k == self.accum - 1 and self.fault != "skip_last_sync"

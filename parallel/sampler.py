@@ -1,15 +1,17 @@
 """The deterministic sharded sampler: which rows of the global batch each rank trains on.
 
 The global batch (B rows, the same on every rank: manual.data.Batches draws it from the data seed
-and the epoch alone) is cut into W * K contiguous shards of b = B / (W * K) rows, W ranks and K
-micro-steps:
+and the epoch alone) is cut into W * K contiguous shards, W ranks and K micro-steps; shard
+i = k * W + r (micro-step k, rank r) holds
 
-    micro-step k, rank r  ->  rows [(k * W + r) * b, (k * W + r + 1) * b)
+    rows [i * B // (W K), (i + 1) * B // (W K))
 
-The shards are disjoint and their union is the whole global batch, so N ranks see exactly the
-rows one process would. The assignment is a pure function of (B, W, K, rank, k): a restart (same
-or different world size) never needs a sampler state. B must divide by W * K; anything else would
-drop or repeat rows, so it is refused.
+so shards differ in size by at most one row when W K does not divide B (the last, smaller batch
+of an epoch), and are empty when B < W K. That is harmless: the loss is normalised by the global
+count of non-PAD targets (parallel/dp.py), so a shard's weight is its share of the targets, and an
+empty shard adds nothing. The shards are disjoint and their union is the whole global batch, so N
+ranks see exactly the rows one process would. The assignment is a pure function of
+(B, W, K, rank, k): a restart (same or different world size) needs no sampler state.
 """
 from __future__ import annotations
 
@@ -26,16 +28,15 @@ def shard_rows(B: int, world: int, accum: int, rank: int, micro: int, fault: str
         raise ValueError(f"rank {rank} is outside [0, {world})")
     if not 0 <= micro < accum:
         raise ValueError(f"micro-step {micro} is outside [0, {accum})")
-    if B % (world * accum):
-        raise ValueError(f"the global batch of {B} rows does not split into {world} ranks x {accum} micro-steps "
-                         f"(B must be a multiple of {world * accum}; e.g. --batch-size {world * accum * max(1, B // (world * accum))})")
-    b = B // (world * accum)
-    start = (micro * world + rank) * b
+    n, i = world * accum, micro * world + rank
+    start, stop = i * B // n, (i + 1) * B // n
     if fault == "overlapping_shards":
-        # the bug: every rank starts from the first shard of the micro-step, offset by half a shard
-        # (a stride of b // 2 where b was meant): shards overlap and some rows are never seen
-        start = micro * world * b + rank * max(1, b // 2)
-    return slice(start, start + b)
+        # the bug: ranks step by half a shard where a whole one was meant: shards overlap, rows go unseen
+        b = stop - start
+        first = micro * world * B // n
+        start = first + rank * max(1, b // 2)
+        stop = start + b
+    return slice(start, stop)
 
 
 def shards(xb: np.ndarray, yb: np.ndarray, world: int, accum: int, rank: int,

@@ -1,0 +1,105 @@
+"""Data-parallel training with manual/trainer.py's loop, as tools/train.py runs it under torchrun.
+
+    torchrun --standalone --nproc-per-node 2 tools/train.py --impl manual --batch-size 16 ...
+    python tools/train.py --grad-accum 4 ...          # one process, 4 micro-steps per update
+
+`start(impl, model, grad_accum, batch_size)` joins the gloo group (torchrun's env vars; a
+one-rank group when not launched by torchrun), wraps the model in ManualDP / ReferenceDP and
+broadcasts rank 0's weights. `DistributedTrainer` is manual.trainer.Trainer with two changes:
+
+- a training step runs the glue (forward and backward of this rank's shards, the one all-reduce)
+  where the plain trainer runs model.forward + model.backward; clipping and the optimizer step
+  then act on the global gradient, the same on every rank, so every rank keeps the same weights;
+- only rank 0 writes checkpoints (atomically, through manual/checkpoint.py); they record the
+  world size and the micro-step count, and resuming with another world size says what changes.
+
+--batch-size is the GLOBAL batch: the data order, the learning-rate schedule and the step count
+do not depend on the world size, so N ranks train the same run as one process (up to the order
+of the sums in the all-reduce).
+"""
+from __future__ import annotations
+
+import sys
+
+from manual.trainer import Trainer
+
+from . import dp
+
+
+def requested(grad_accum: int) -> bool:
+    """Is this a data-parallel run (launched by torchrun, or with micro-steps)?"""
+    return dp.torchrun_env() is not None or grad_accum > 1
+
+
+def start(impl: str, model, grad_accum: int, timeout_s: float = dp.DEFAULT_TIMEOUT_S):
+    """Join the process group and return the glue around `model`, with rank 0's weights everywhere."""
+    import torch.distributed as dist
+
+    env = dp.torchrun_env()
+    if env is None:
+        ctx = dp.init(0, 1, store=dist.HashStore(), timeout_s=timeout_s)
+    else:
+        ctx = dp.init(timeout_s=timeout_s)
+    glue = dp.make(impl, model, ctx, accum=grad_accum)
+    glue.broadcast_params()
+    return glue
+
+
+class _GlueStep:
+    """The model as the trainer's train_step sees it during a data-parallel step: forward(xb, yb)
+    runs the whole glue step on the global batch (every micro-step's forward and backward, the
+    all-reduce) and returns the global loss; backward() has nothing left to do. Everything else
+    (grads, taps, cfg, ...) is the model's own."""
+
+    def __init__(self, model, glue):
+        self._model, self._glue = model, glue
+
+    def forward(self, xb, yb):
+        return self._glue.step(xb, yb)
+
+    def backward(self):
+        pass
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+class DistributedTrainer(Trainer):
+    """manual.trainer.Trainer over the data-parallel glue (module docstring)."""
+
+    def __init__(self, *args, glue, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.glue = glue
+        self.extra_metadata.update({"world_size": str(glue.ctx.world), "grad_accum": str(glue.accum)})
+
+    @property
+    def rank(self) -> int:
+        return self.glue.ctx.rank
+
+    def train_step(self, xb, yb) -> float:
+        model = self.model
+        self.model = _GlueStep(model, self.glue)
+        try:
+            return super().train_step(xb, yb)
+        finally:
+            self.model = model
+
+    def save_checkpoint(self, path=None) -> str:
+        """Rank 0 writes; the other ranks hold the same weights and only keep the bookkeeping."""
+        if self.rank == 0:
+            return super().save_checkpoint(path)
+        path = str(path or self.checkpoint_path)
+        self._check_params_finite()
+        self.last_checkpoint, self.last_checkpoint_step = path, self.state.step
+        return path
+
+    def restore(self, extras, metadata, path=None) -> None:
+        super().restore(extras, metadata, path)
+        saved = (metadata.get("world_size", "1"), metadata.get("grad_accum", "1"))
+        now = (str(self.glue.ctx.world), str(self.glue.accum))
+        if saved != now and self.rank == 0:
+            print(f"note: resuming a run saved with world size {saved[0]} x grad-accum {saved[1]} on world size "
+                  f"{now[0]} x grad-accum {now[1]}: the global batch, the data order and the schedule are "
+                  f"unchanged, each rank now trains on about "
+                  f"{self.batches.batch_size / (self.glue.ctx.world * self.glue.accum):g} rows per micro-step; the weights equal the uninterrupted run's up to the order of the "
+                  f"sums in the all-reduce, not bit for bit", file=sys.stderr)

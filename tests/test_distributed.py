@@ -1,0 +1,117 @@
+"""Data-parallel glue (parallel/): the sampler, the weighting, and the distributed conformance check
+with 2 gloo ranks on localhost, clean and with every distributed fault injected."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from conformance.distributed import SCENARIOS, first_divergence, run_plan  # noqa: E402
+from manual.config import ModelConfig  # noqa: E402
+from parallel import dp  # noqa: E402
+from parallel.sampler import shard_rows  # noqa: E402
+
+
+# -- the sampler ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("B", [1, 2, 5, 8, 12, 13])
+@pytest.mark.parametrize("world,accum", [(1, 1), (2, 1), (3, 1), (2, 3), (4, 2)])
+def test_shards_are_disjoint_and_cover_the_batch(B, world, accum):
+    seen = []
+    for k in range(accum):
+        for r in range(world):
+            rows = shard_rows(B, world, accum, r, k)
+            assert rows == shard_rows(B, world, accum, r, k)          # a pure function: same after a restart
+            seen += list(range(B))[rows]
+    assert sorted(seen) == list(range(B)), (B, world, accum, seen)
+
+
+def test_overlapping_shards_fault_overlaps():
+    a, b = shard_rows(8, 2, 1, 0, 0, "overlapping_shards"), shard_rows(8, 2, 1, 1, 0, "overlapping_shards")
+    assert set(range(8)[a]) & set(range(8)[b])
+
+
+def test_shard_rows_rejects_bad_rank():
+    with pytest.raises(ValueError, match="rank 2 is outside"):
+        shard_rows(8, 2, 1, 2, 0)
+
+
+# -- the weighting ----------------------------------------------------------------------------
+
+def test_weights_are_shares_of_the_global_count():
+    # rank r's weight w = W n / N; with the mean over ranks (/ W) the weights of every shard sum to 1
+    counts = {0: [5, 0, 7], 1: [1, 1, 0]}                    # rank -> per micro-step counts
+    n_global = np.array([6, 1, 7])
+    total = sum(sum(dp.weights(2, counts[r], n_global)) for r in counts) / 2
+    assert total == pytest.approx(1.0)
+    assert dp.weights(2, counts[1], n_global) == pytest.approx([2 / 14, 2 / 14, 0.0])
+    wrong = sum(sum(dp.weights(2, counts[r], n_global, "per_rank_mean")) for r in counts) / 2
+    assert wrong == pytest.approx(1.0)                       # sums to 1 too, but with the wrong shares
+    assert dp.weights(2, counts[1], n_global, "per_rank_mean") != pytest.approx(dp.weights(2, counts[1], n_global))
+
+
+def test_all_pad_global_batch_is_an_error():
+    with pytest.raises(ValueError, match="every target of the global batch is PAD"):
+        dp.weights(2, [0], np.array([0]))
+
+
+def test_glue_refuses_what_it_cannot_do():
+    import manual
+    ctx = dp.Context(0, 1)
+    with pytest.raises(ValueError, match="n_future = 1 only"):
+        dp.ManualDP(manual.Model(ModelConfig.preset("tiny", n_future=2)), ctx)
+    with pytest.raises(ValueError, match="unknown distributed fault 'nope'"):
+        dp.ManualDP(manual.Model(ModelConfig.preset("tiny")), ctx, fault="nope")
+    with pytest.raises(ValueError, match="grad-accum must be an int >= 1"):
+        dp.ManualDP(manual.Model(ModelConfig.preset("tiny")), ctx, accum=0)
+
+
+# -- the distributed check: 2 ranks, one spawn for the clean run and every fault ---------------
+
+FAULT_SCENARIOS = tuple(sc for sc in SCENARIOS if sc.name in ("uneven_pad", "accum3"))
+# fault -> (scenario, recorded tensor prefix, step or micro-step) where it must show first
+WHERE = {
+    "sum_over_ranks": ("uneven_pad", "grad.", None),
+    "per_rank_mean": ("uneven_pad", "grad.", None),
+    "accum_no_scale": ("accum3", "micro1.grad.", 1),
+    "skip_last_sync": ("uneven_pad", "grad.", None),
+    "no_broadcast": ("uneven_pad", "init.param.", None),
+    "overlapping_shards": ("uneven_pad", "loss", None),     # wrong rows: the forward already differs
+}
+
+
+@pytest.fixture(scope="module")
+def results():
+    plan = [(None, SCENARIOS)] + [(fault, FAULT_SCENARIOS) for fault in dp.FAULTS]
+    return run_plan(2, plan)
+
+
+def test_every_fault_has_an_expected_place():
+    assert set(WHERE) == set(dp.FAULTS)
+
+
+def test_two_ranks_equal_one_process(results):
+    rows = results[None]
+    bad = first_divergence(rows)
+    assert bad is None, bad.line()
+    configs = {c.config for c in rows}
+    for impl in ("manual", "reference", "manual-vs-ddp"):
+        for sc in SCENARIOS:
+            assert f"dist2/{impl}/{sc.name}" in configs
+    # every tensor of every scenario was compared, on both ranks
+    assert any(c.tensor.startswith("micro2.grad.") for c in rows)
+    assert any(c.tensor.startswith("step20.param.") and c.extra["rank"] == 1 for c in rows)
+    assert any(c.tensor.startswith("final.optim.exp_avg_sq.") for c in rows)
+    assert max(c.max_rel for c in rows) <= 1e-9
+
+
+@pytest.mark.parametrize("fault", sorted(dp.FAULTS))
+def test_fault_is_caught_and_localised(results, fault):
+    rows = results[fault]
+    bad = first_divergence(rows)
+    assert bad is not None, f"{fault} was not caught"
+    scenario, prefix, step = WHERE[fault]
+    assert bad.config.split("/")[2] == scenario and bad.tensor.startswith(prefix) and bad.step == step, bad.line()
+    for impl in ("manual", "reference"):      # injected on both sides, caught on both
+        assert any(not c.passed for c in rows if c.config.startswith(f"dist2/{impl}/")), (fault, impl)
