@@ -41,6 +41,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -65,8 +67,9 @@ FAULTS = {
 DEFAULT_TIMEOUT_S = 60.0
 
 
-class DistributedError(RuntimeError):
-    """A collective failed or timed out; the message is one line naming this rank and the step."""
+class DistributedError(ConnectionError):
+    """A collective failed or timed out, or the rendezvous failed; the message is one line naming the
+    ranks and the step. (A ConnectionError, hence an OSError: tools print it as one line, exit 2.)"""
 
 
 @dataclass(frozen=True)
@@ -120,16 +123,40 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+FAILED_KEY = "parallel/failed/"
+SETTLE_S = 2.0     # how long a rank that saw a collective fail waits for the other survivors to say so
+
+
 def _collective(ctx: Context, what: str, fn):
-    """Run a collective; a failure (a dead peer, a timeout) becomes one line naming this rank."""
+    """Run a collective; a failure (a dead peer, a timeout) becomes one line naming the rank(s) that
+    stopped answering, never a hang: gloo gives up after ctx.timeout_s (a killed peer closes its
+    sockets, and the others fail at once)."""
     try:
         return fn()
     except DistributedError:
         raise
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise DistributedError(f"rank {ctx.rank} of {ctx.world}: {what} failed (a peer rank died or did not answer "
-                               f"within {ctx.timeout_s:g} s): {first}") from None
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise DistributedError(f"rank {ctx.rank} of {ctx.world}: {what} failed: {_missing(ctx)} "
+                               f"(gloo: {first})") from None
+
+
+def _missing(ctx: Context) -> str:
+    """Which ranks are gone, as the survivors can tell: each survivor marks itself in the rendezvous
+    store, waits SETTLE_S, and names the ranks that did not. If the store itself is unreachable, its
+    host (rank 0 under torchrun's static rendezvous) is the one that died."""
+    if not _store_host_answers():
+        return "rank 0 (the rendezvous host) died or stopped answering"
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"{FAILED_KEY}{ctx.rank}", "1")
+        time.sleep(SETTLE_S)
+        gone = [r for r in range(ctx.world) if r != ctx.rank and not store.check([f"{FAILED_KEY}{r}"])]
+    except Exception:                              # noqa: BLE001 - no store: its host is gone
+        return "rank 0 (the rendezvous host) died or stopped answering"
+    if not gone:
+        return f"every rank reported the failure; no answer within {ctx.timeout_s:g} s"
+    return f"rank{'s' if len(gone) > 1 else ''} {', '.join(map(str, gone))} died or stopped answering"
 
 
 def global_counts(ctx: Context, n_local: list[int]) -> np.ndarray:
@@ -158,6 +185,19 @@ def _check_fault(fault):
         raise ValueError(f"unknown distributed fault {fault!r}; choose one of {sorted(FAULTS)}")
 
 
+def _store_host_answers() -> bool:
+    """Does MASTER_ADDR:MASTER_PORT accept a connection? (Asked before touching the store, whose client
+    prints a C++ stack on a dead host.) True when there is no such address to ask."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not addr or not port or not port.isdigit():
+        return True
+    try:
+        socket.create_connection((addr, int(port)), timeout=1.0).close()
+        return True
+    except OSError:
+        return False
+
+
 class _Glue:
     """What both sides share: sharding, counting, weighting, the global loss."""
 
@@ -171,6 +211,10 @@ class _Glue:
                              f"models do not expose")
         self.cfg, self.ctx, self.accum, self.fault = cfg, ctx, accum, fault
         self.step_count = 0
+
+    def close(self) -> None:
+        """Leave the process group (at the end of a run)."""
+        shutdown()
 
     def _plan(self, xb, yb):
         W, r = self.ctx.world, self.ctx.rank

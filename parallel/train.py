@@ -45,6 +45,20 @@ def start(impl: str, model, grad_accum: int, timeout_s: float = dp.DEFAULT_TIMEO
     return glue
 
 
+def setup(args, model):
+    """tools/train.py's entry: the glue for a data-parallel run (None for a plain one-process run).
+    Ranks other than 0 print nothing and write no --json / --plot (rank 0 speaks for the run)."""
+    if not requested(args.grad_accum):
+        return None
+    glue = start(args.impl, model, args.grad_accum)
+    if glue.ctx.rank != 0:
+        args.quiet, args.json, args.plot = True, None, None
+    elif not args.quiet:
+        print(f"data-parallel: {glue.ctx.world} rank(s) x {args.grad_accum} micro-step(s) per update, global batch "
+              f"{args.batch_size}, gloo", file=sys.stderr)
+    return glue
+
+
 class _GlueStep:
     """The model as the trainer's train_step sees it during a data-parallel step: forward(xb, yb)
     runs the whole glue step on the global batch (every micro-step's forward and backward, the
