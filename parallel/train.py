@@ -115,5 +115,5 @@ class DistributedTrainer(Trainer):
             print(f"note: resuming a run saved with world size {saved[0]} x grad-accum {saved[1]} on world size "
                   f"{now[0]} x grad-accum {now[1]}: the global batch, the data order and the schedule are "
                   f"unchanged, each rank now trains on about "
-                  f"{self.batches.batch_size / (self.glue.ctx.world * self.glue.accum):g} rows per micro-step; the weights equal the uninterrupted run's up to the order of the "
+                  f"{self.batches.batch_size / (self.glue.ctx.world * self.glue.accum):.3g} rows per micro-step; the weights equal the uninterrupted run's up to the order of the "
                   f"sums in the all-reduce, not bit for bit", file=sys.stderr)

@@ -115,3 +115,98 @@ def test_fault_is_caught_and_localised(results, fault):
     assert bad.config.split("/")[2] == scenario and bad.tensor.startswith(prefix) and bad.step == step, bad.line()
     for impl in ("manual", "reference"):      # injected on both sides, caught on both
         assert any(not c.passed for c in rows if c.config.startswith(f"dist2/{impl}/")), (fault, impl)
+
+
+# -- launch and failures ------------------------------------------------------------------------
+
+import json  # noqa: E402
+import os  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ["--synthetic", "3000", "--max-steps", "4", "--batch-size", "6", "--dtype", "float64", "--eval-every", "0",
+         "--quiet", "--impl", "reference"]
+
+
+def _env(**extra):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env.update(extra)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_ranks_with_accumulation_equal_one_process(tmp_path):
+    from manual.checkpoint import load_model
+    torchrun = Path(sys.executable).with_name("torchrun")
+    two = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", str(ROOT / "tools/train.py"), *TRAIN,
+                          "--grad-accum", "2", "--out", str(tmp_path / "two"), "--json", str(tmp_path / "two.json")],
+                         env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, str(ROOT / "tools/train.py"), *TRAIN, "--out", str(tmp_path / "one"),
+                          "--json", str(tmp_path / "one.json")],
+                         env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    _, p2, _, meta2 = load_model(tmp_path / "two" / "checkpoint.safetensors")
+    _, p1, _, _ = load_model(tmp_path / "one" / "checkpoint.safetensors")
+    assert (meta2["world_size"], meta2["grad_accum"]) == ("2", "2")
+    for name in p1:
+        scale = np.max(np.abs(p1[name]))
+        assert np.max(np.abs(p2[name] - p1[name])) <= 1e-9 * scale, name
+    l1 = json.loads((tmp_path / "one.json").read_text())["loss_curve"]["train_loss"]
+    l2 = json.loads((tmp_path / "two.json").read_text())["loss_curve"]["train_loss"]
+    assert np.allclose(l2, l1, rtol=1e-9, atol=0) and len(l1) == 4
+
+
+DIES = """
+import os, sys, numpy as np
+import manual
+from manual.config import ModelConfig
+from parallel import dp
+ctx = dp.init(timeout_s=30)
+glue = dp.ManualDP(manual.Model(ModelConfig.preset("tiny", dtype="float64")), ctx)
+glue.broadcast_params()
+rng = np.random.default_rng(0)
+for step in range(3):
+    xb, yb = rng.integers(0, 100, (4, 20)), rng.integers(1, 100, (4, 20))
+    if step == 1 and ctx.rank == 1:
+        os._exit(3)                    # dies mid-run, without a word
+    try:
+        glue.step(xb, yb)
+    except dp.DistributedError as exc:
+        print(exc)
+        sys.exit(2)
+"""
+
+
+def test_a_dead_rank_stops_the_others_with_one_line_naming_it():
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, "-c", DIES], env=_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                                                                      RANK=str(r), WORLD_SIZE="2"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    out0, err0 = procs[0].communicate(timeout=120)            # a hang fails here
+    procs[1].communicate(timeout=120)
+    assert procs[1].returncode == 3
+    assert procs[0].returncode == 2, err0[-2000:]
+    lines = out0.strip().splitlines()
+    assert len(lines) == 1 and "rank 0 of 2" in lines[0] and "rank 1 died or stopped answering" in lines[0], out0
+
+
+def test_a_port_in_use_is_one_line():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        code = "from parallel import dp\ntry:\n    dp.init(timeout_s=10)\nexcept dp.DistributedError as e:\n    print(e)"
+        r = subprocess.run([sys.executable, "-c", code], env=_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                                                                   RANK="0", WORLD_SIZE="2"),
+                           capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == f"rank 0: the rendezvous port 127.0.0.1:{port} is already in use; pick another " \
+                               f"(--rdzv-endpoint HOST:PORT or --master-port)", (r.stdout, r.stderr[-2000:])
