@@ -17,6 +17,8 @@ buffer) and the reference side (DistributedDataParallel):
     pad_only_shard   K = 1; rank 1's shard is entirely PAD
     accum3           K = 3 micro-steps, PAD uneven across ranks and micro-steps (one micro-shard all PAD)
     adamw20          20 AdamW steps (clip 1.0, decay groups), K = 1, a new unevenly padded batch each step
+    zero20           adamw20 with ZeRO-1 (parallel/zero.py, manual side): the sharded optimizer equals the
+                     unsharded one (parameters after every step, the gathered state at the end)
 
 Rows, in the order a bug shows up first (so the first failing row localises it):
     init.param.<name>         every rank's weights after the broadcast            vs rank 0's seed
@@ -63,6 +65,7 @@ class Scenario:
     name: str
     accum: int
     steps: int            # 0: one gradient step without an optimizer; > 0: an AdamW trajectory
+    shard: bool = False   # ZeRO-1 (parallel/zero.py, manual side only): parameters and state compared
 
     def batches(self, cfg: ModelConfig, world: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """The global batches (same on every rank: a pure function of the scenario and the world size)."""
@@ -90,7 +93,11 @@ class Scenario:
 
 
 SCENARIOS = (Scenario("uneven_pad", 1, 0), Scenario("pad_only_shard", 1, 0), Scenario("accum3", 3, 0),
-             Scenario("adamw20", 1, STEPS))
+             Scenario("adamw20", 1, STEPS), Scenario("zero20", 1, STEPS, shard=True))
+
+
+def _runs(impl: str, sc: Scenario) -> bool:
+    return impl == "manual" or not sc.shard
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,10 +155,11 @@ def _rank_runs(rank, world, ctx, cfg, outdir, fault, impls, scenarios):
 
     from parallel import dp
     for impl in impls:
-        for sc in scenarios:
+        for sc in (sc for sc in scenarios if _runs(impl, sc)):
             rec: dict[str, np.ndarray] = {}
             model = _model(impl, cfg, seed=rank)          # differs per rank: the broadcast must fix it
-            glue = dp.make(impl, model, ctx, accum=sc.accum, fault=fault)
+            zero = _zero(model, ctx) if sc.shard else None
+            glue = dp.make(impl, model, ctx, accum=sc.accum, fault=fault, zero=zero)
             glue.broadcast_params()
             rec.update(_copy(model.params, "init.param."))
 
@@ -172,7 +180,7 @@ def _rank_runs(rank, world, ctx, cfg, outdir, fault, impls, scenarios):
                 rec.update(_copy(model.grads, "grad."))
                 rec["loss"] = np.array(loss, dtype=np.float64)
             else:
-                opt, clip = _optimizer(impl, model)
+                opt, clip = _optimizer(impl, model) if zero is None else (zero, lambda: zero.clip_grad_norm(CLIP))
                 for s, (xb, yb) in enumerate(batches, start=1):
                     opt.zero_grad()
                     glue.step(xb, yb)
@@ -182,6 +190,12 @@ def _rank_runs(rank, world, ctx, cfg, outdir, fault, impls, scenarios):
                     rec.update(_copy(model.params, f"step{s}.param."))
                 rec.update(_copy(opt.state_dict()[0], "final."))
             save_file(rec, _path(outdir, fault, impl, sc, rank))
+
+
+def _zero(model, ctx):
+    from manual.registry import decay_groups
+    from parallel.zero import ZeroAdamW
+    return ZeroAdamW(model, ctx, lr=LR, groups=decay_groups(model.cfg, WEIGHT_DECAY))
 
 
 def _path(outdir, fault, impl, sc, rank) -> str:
@@ -301,7 +315,7 @@ def run_plan(world: int, plan, impls=IMPLS) -> dict:
                                        max_abs=math.inf, max_rel=math.inf, note=str(exc))] for fault, _ in plan}
         for fault, scenarios in plan:
             got = {(impl, sc.name, r): load_file(_path(outdir, fault, impl, sc, r))
-                   for impl in impls for sc in scenarios for r in range(world)}
+                   for impl in impls for sc in scenarios if _runs(impl, sc) for r in range(world)}
             out[fault] = _rows(cfg, world, fault, impls, scenarios, got)
     return out
 
@@ -314,10 +328,12 @@ def _faults() -> dict:
 def _rows(cfg, world, fault, impls, scenarios, got) -> list[Comparison]:
     rows: list[Comparison] = []
     for sc in scenarios:
-        for impl in impls:
+        for impl in (impl for impl in impls if _runs(impl, sc)):
             want = _oracle(impl, cfg, sc, world)
             label = f"dist{world}/{impl}/{sc.name}" + (f"/fault={fault}" if fault else "")
             for key in sorted(want, key=_order):
+                if sc.shard and ".grad." in key:     # ZeRO-1 reduces each rank's slice only: no full gradient
+                    continue
                 for r in range(world):
                     if key.startswith("micro") and r > 0:     # the check-only sum is the same on every rank
                         continue
@@ -327,7 +343,7 @@ def _rows(cfg, world, fault, impls, scenarios, got) -> list[Comparison]:
                                   note=f"rank {r}")
                     row.extra["rank"] = r
                     rows.append(row)
-        if len(impls) == 2:
+        if len(impls) == 2 and not sc.shard:
             m, ref = got[("manual", sc.name, 0)], got[("reference", sc.name, 0)]
             for key in sorted(ref, key=_order):
                 row = compare(m.get(key, np.full((0,), np.nan)), ref[key], tensor=key, check=CHECK,

@@ -234,8 +234,11 @@ class ManualDP(_Glue):
     """manual.Model, data-parallel: per-rank forward/backward on the shard, one all-reduce over the
     model's flat gradient buffer (`model.grad_buffer`, shared zero-copy with torch.from_numpy)."""
 
-    def __init__(self, model, ctx: Context, accum: int = 1, fault: str | None = None):
+    def __init__(self, model, ctx: Context, accum: int = 1, fault: str | None = None, zero=None):
         super().__init__(model.cfg, ctx, accum, fault)
+        if zero is not None and zero.model is not model:
+            raise ValueError("the ZeroAdamW given was built for another model")
+        self.zero = zero                                # parallel.zero.ZeroAdamW: reduce-scatter, not all-reduce
         buf = getattr(model, "grad_buffer", None)
         if buf is None or not all(np.shares_memory(g, buf) for g in model.grads.values()):
             raise TypeError("ManualDP needs a manual.Model whose grads are views into one flat grad_buffer")
@@ -274,7 +277,9 @@ class ManualDP(_Glue):
             buf[...] = self._acc
         else:
             buf *= w[0]
-        if self.fault != "skip_last_sync":
+        if self.zero is not None:                       # ZeRO-1: each rank gets the mean of its slice only
+            self.zero.reduce_gradients(self.step_count + 1)
+        elif self.fault != "skip_last_sync":
             _collective(self.ctx, f"gradient all-reduce at step {self.step_count + 1}",
                         lambda: dist.all_reduce(self.flat))   # SUM over ranks, in place in NumPy memory
             if self.fault != "sum_over_ranks":
@@ -303,6 +308,7 @@ class ReferenceDP(_Glue):
     def __init__(self, model, ctx: Context, accum: int = 1, fault: str | None = None):
         super().__init__(model.cfg, ctx, accum, fault)
         from torch.nn.parallel import DistributedDataParallel as DDP
+        self.zero = None                                # ZeRO-1 is built for the manual side only
         self.model = model
         # init_sync: DDP broadcasts rank 0's parameters when it is built (the fault turns that off)
         self.ddp = DDP(model.module, init_sync=(fault != "no_broadcast"))
@@ -343,10 +349,14 @@ class ReferenceDP(_Glue):
         return self._global_loss(loss_sum, int(n_global.sum()))
 
 
-def make(impl: str, model, ctx: Context, accum: int = 1, fault: str | None = None):
-    """ManualDP for impl 'manual', ReferenceDP for 'reference'."""
+def make(impl: str, model, ctx: Context, accum: int = 1, fault: str | None = None, zero=None):
+    """ManualDP for impl 'manual', ReferenceDP for 'reference'. zero: a parallel.zero.ZeroAdamW
+    (manual only) whose sharded state the gradients are reduce-scattered into."""
     if impl == "manual":
-        return ManualDP(model, ctx, accum, fault)
+        return ManualDP(model, ctx, accum, fault, zero)
+    if zero is not None:
+        raise ValueError("--shard-optimizer (ZeRO-1) is built for --impl manual only; the reference side "
+                         "would use torch's ZeroRedundancyOptimizer")
     if impl == "reference":
         return ReferenceDP(model, ctx, accum, fault)
     raise ValueError(f"impl must be 'manual' or 'reference', got {impl!r}")

@@ -26,13 +26,14 @@ from manual.trainer import Trainer
 from . import dp
 
 
-def requested(grad_accum: int) -> bool:
-    """Is this a data-parallel run (launched by torchrun, or with micro-steps)?"""
-    return dp.torchrun_env() is not None or grad_accum > 1
+def requested(grad_accum: int, shard_optimizer: bool = False) -> bool:
+    """Is this a data-parallel run (launched by torchrun, with micro-steps, or with ZeRO-1)?"""
+    return dp.torchrun_env() is not None or grad_accum > 1 or shard_optimizer
 
 
-def start(impl: str, model, grad_accum: int, timeout_s: float = dp.DEFAULT_TIMEOUT_S):
-    """Join the process group and return the glue around `model`, with rank 0's weights everywhere."""
+def start(impl: str, model, grad_accum: int, timeout_s: float = dp.DEFAULT_TIMEOUT_S, zero_args: dict | None = None):
+    """Join the process group and return the glue around `model`, with rank 0's weights everywhere.
+    zero_args (AdamW's lr, weight_decay, groups): also build the ZeRO-1 optimizer, as glue.zero."""
     import torch.distributed as dist
 
     env = dp.torchrun_env()
@@ -40,23 +41,39 @@ def start(impl: str, model, grad_accum: int, timeout_s: float = dp.DEFAULT_TIMEO
         ctx = dp.init(0, 1, store=dist.HashStore(), timeout_s=timeout_s)
     else:
         ctx = dp.init(timeout_s=timeout_s)
-    glue = dp.make(impl, model, ctx, accum=grad_accum)
+    zero = None
+    if zero_args is not None:
+        if impl != "manual":
+            dp.shutdown()
+            raise ValueError("--shard-optimizer (ZeRO-1) is built for --impl manual only")
+        from .zero import ZeroAdamW
+        zero = ZeroAdamW(model, ctx, **zero_args)
+    glue = dp.make(impl, model, ctx, accum=grad_accum, zero=zero)
     glue.broadcast_params()
     return glue
 
 
-def setup(args, model):
-    """tools/train.py's entry: the glue for a data-parallel run (None for a plain one-process run).
-    Ranks other than 0 print nothing and write no --json / --plot (rank 0 speaks for the run)."""
-    if not requested(args.grad_accum):
-        return None
-    glue = start(args.impl, model, args.grad_accum)
+def setup(args, model, optimizer):
+    """tools/train.py's entry: (glue, optimizer) for a data-parallel run, (None, optimizer) for a plain
+    one-process run. With --shard-optimizer the optimizer becomes parallel.zero.ZeroAdamW. Ranks
+    other than 0 print nothing and write no --json / --plot (rank 0 speaks for the run)."""
+    if not requested(args.grad_accum, args.shard_optimizer):
+        return None, optimizer
+    zero_args = None
+    if args.shard_optimizer:
+        if args.impl != "manual" or args.optimizer != "adamw":
+            raise ValueError(f"--shard-optimizer (ZeRO-1) needs --impl manual and --optimizer adamw, got --impl "
+                             f"{args.impl} --optimizer {args.optimizer}")
+        from manual.registry import decay_groups
+        zero_args = dict(lr=args.lr, weight_decay=args.weight_decay, groups=decay_groups(model.cfg, args.weight_decay))
+    glue = start(args.impl, model, args.grad_accum, zero_args=zero_args)
     if glue.ctx.rank != 0:
         args.quiet, args.json, args.plot = True, None, None
     elif not args.quiet:
         print(f"data-parallel: {glue.ctx.world} rank(s) x {args.grad_accum} micro-step(s) per update, global batch "
-              f"{args.batch_size}, gloo", file=sys.stderr)
-    return glue
+              f"{args.batch_size}, gloo{', ZeRO-1 optimizer state' if glue.zero is not None else ''}",
+              file=sys.stderr)
+    return glue, (optimizer if getattr(glue, "zero", None) is None else glue.zero)
 
 
 class _GlueStep:
@@ -84,7 +101,11 @@ class DistributedTrainer(Trainer):
     def __init__(self, *args, glue, **kwargs):
         super().__init__(*args, **kwargs)
         self.glue = glue
-        self.extra_metadata.update({"world_size": str(glue.ctx.world), "grad_accum": str(glue.accum)})
+        self.zero = getattr(glue, "zero", None)
+        if self.zero is not None:       # the gradient lives in slices: clip through the sharded optimizer
+            self.clip_grad_norm, self.clip_grad_value = self.zero.clip_grad_norm, self.zero.clip_grad_value
+        self.extra_metadata.update({"world_size": str(glue.ctx.world), "grad_accum": str(glue.accum),
+                                    "shard_optimizer": str(self.zero is not None)})
 
     @property
     def rank(self) -> int:
@@ -104,6 +125,8 @@ class DistributedTrainer(Trainer):
             return super().save_checkpoint(path)
         path = str(path or self.checkpoint_path)
         self._check_params_finite()
+        if self.zero is not None:
+            self.optimizer.state_dict()             # a collective: rank 0's gathers the state from every rank
         self.last_checkpoint, self.last_checkpoint_step = path, self.state.step
         return path
 

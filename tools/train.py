@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad-accum", type=int_at_least(1), default=1, metavar="K",
                    help="micro-steps per update (gradient accumulation); under torchrun the global --batch-size "
                         "is split over ranks x K (docs/distributed.md)")
+    g.add_argument("--shard-optimizer", action="store_true",
+                   help="ZeRO-1: split AdamW's state across the ranks (--impl manual; docs/distributed.md)")
     g.add_argument("--batch-size", type=int_at_least(1), default=16,
                    help="windows per update; 1 is the blog's step training (default 16)")
     g.add_argument("--epochs", type=int_at_least(1), help="passes over the training windows (default 1)")
@@ -253,9 +255,9 @@ def _run(parser, args, resume) -> int:
     # -- model and optimizer
     model, optimizer, clip_fns = _build(args, cfg, resume)
     glue = None
-    if args.grad_accum > 1 or "WORLD_SIZE" in os.environ:   # data-parallel (torchrun sets WORLD_SIZE); needs torch
+    if args.grad_accum > 1 or args.shard_optimizer or "WORLD_SIZE" in os.environ:   # data-parallel; needs torch
         from parallel.train import DistributedTrainer, setup
-        glue = setup(args, model)
+        glue, optimizer = setup(args, model, optimizer)
 
     # -- the loop, with its progress bar and log lines
     out = Path(args.out) if args.out else None
