@@ -174,7 +174,7 @@ def weights(world: int, n_local: list[int], n_global: np.ndarray, fault: str | N
                          f"no positions")
     if fault == "per_rank_mean":
         mine = sum(n_local)
-        return [world * n / (world * mine) if mine else 0.0 for n in n_local]
+        return [n / mine if mine else 0.0 for n in n_local]      # W * n / (W * mine): blind to N
     if fault == "accum_no_scale":
         return [world * n / int(nk) if nk else 0.0 for n, nk in zip(n_local, n_global)]
     return [world * n / N for n in n_local]
