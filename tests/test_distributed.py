@@ -148,26 +148,42 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_torchrun_two_ranks_with_accumulation_equal_one_process(tmp_path):
+def _torchrun_equals_one_process(tmp_path, nproc: int, flags: list[str]):
+    """torchrun with `nproc` ranks and `flags` ends with the weights and losses of one plain process."""
     from manual.checkpoint import load_model
     torchrun = Path(sys.executable).with_name("torchrun")
-    two = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", str(ROOT / "tools/train.py"), *TRAIN,
-                          "--grad-accum", "2", "--out", str(tmp_path / "two"), "--json", str(tmp_path / "two.json")],
-                         env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, str(ROOT / "tools/train.py"), *TRAIN, "--out", str(tmp_path / "one"),
-                          "--json", str(tmp_path / "one.json")],
+    many = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", str(nproc), str(ROOT / "tools/train.py"),
+                           *TRAIN, *flags, "--out", str(tmp_path / "many"), "--json", str(tmp_path / "many.json")],
+                          env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert many.returncode == 0, many.stderr[-3000:]
+    plain = [f for i, f in enumerate(flags) if f != "--shard-optimizer" and "--grad-accum" not in flags[max(0, i - 1):i + 1]]
+    one = subprocess.run([sys.executable, str(ROOT / "tools/train.py"), *TRAIN, *plain,
+                          "--out", str(tmp_path / "one"), "--json", str(tmp_path / "one.json")],
                          env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
-    _, p2, _, meta2 = load_model(tmp_path / "two" / "checkpoint.safetensors")
+    _, pm, _, meta = load_model(tmp_path / "many" / "checkpoint.safetensors")
     _, p1, _, _ = load_model(tmp_path / "one" / "checkpoint.safetensors")
-    assert (meta2["world_size"], meta2["grad_accum"]) == ("2", "2")
+    assert meta["world_size"] == str(nproc)
     for name in p1:
         scale = np.max(np.abs(p1[name]))
-        assert np.max(np.abs(p2[name] - p1[name])) <= 1e-9 * scale, name
+        assert np.max(np.abs(pm[name] - p1[name])) <= 1e-9 * scale, name
     l1 = json.loads((tmp_path / "one.json").read_text())["loss_curve"]["train_loss"]
-    l2 = json.loads((tmp_path / "two.json").read_text())["loss_curve"]["train_loss"]
-    assert np.allclose(l2, l1, rtol=1e-9, atol=0) and len(l1) == 4
+    lm = json.loads((tmp_path / "many.json").read_text())["loss_curve"]["train_loss"]
+    assert np.allclose(lm, l1, rtol=1e-9, atol=0) and len(l1) == 4
+    return meta
+
+
+def test_torchrun_two_ranks_with_accumulation_equal_one_process(tmp_path):
+    meta = _torchrun_equals_one_process(tmp_path, 2, ["--grad-accum", "2"])
+    assert meta["grad_accum"] == "2"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", [["--impl", "manual", "--grad-accum", "2"],
+                                   ["--impl", "manual", "--shard-optimizer", "--weight-decay", "0.1"]])
+def test_torchrun_three_ranks_equal_one_process(tmp_path, flags):
+    # batch 6 over 3 ranks x 2 micro-steps: one row per shard; ZeRO-1 with a slice per rank
+    _torchrun_equals_one_process(tmp_path, 3, flags)
 
 
 DIES = """
