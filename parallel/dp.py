@@ -166,6 +166,14 @@ def global_counts(ctx: Context, n_local: list[int]) -> np.ndarray:
     return t.numpy().copy()
 
 
+def any_rank(ctx: Context, flag: bool) -> bool:
+    """True on every rank when `flag` is true on at least one (all_reduce MAX): decisions that every
+    rank must take at the same step (stop now: Ctrl-C, a time limit) are taken together."""
+    t = torch.tensor([int(bool(flag))], dtype=torch.int64)
+    _collective(ctx, "all-reduce of the stop flag", lambda: dist.all_reduce(t, op=dist.ReduceOp.MAX))
+    return bool(t.item())
+
+
 def weights(world: int, n_local: list[int], n_global: np.ndarray, fault: str | None = None) -> list[float]:
     """w[k] = W * n[k] / N (see the module docstring), or the fault's wrong weight."""
     N = int(n_global.sum())

@@ -3,13 +3,15 @@
     torchrun --standalone --nproc-per-node 2 tools/train.py --impl manual --batch-size 16 ...
     python tools/train.py --grad-accum 4 ...          # one process, 4 micro-steps per update
 
-`start(impl, model, grad_accum, batch_size)` joins the gloo group (torchrun's env vars; a
+`start(impl, model, grad_accum)` joins the gloo group (torchrun's env vars; a
 one-rank group when not launched by torchrun), wraps the model in ManualDP / ReferenceDP and
-broadcasts rank 0's weights. `DistributedTrainer` is manual.trainer.Trainer with two changes:
+broadcasts rank 0's weights. `DistributedTrainer` is manual.trainer.Trainer with three changes:
 
 - a training step runs the glue (forward and backward of this rank's shards, the one all-reduce)
   where the plain trainer runs model.forward + model.backward; clipping and the optimizer step
   then act on the global gradient, the same on every rank, so every rank keeps the same weights;
+- the ranks decide together whether to stop before each step (Ctrl-C, --time-limit): one tiny
+  all-reduce, so that no rank stops alone and leaves the others waiting;
 - only rank 0 writes checkpoints (atomically, through manual/checkpoint.py); they record the
   world size and the micro-step count, and resuming with another world size says what changes.
 
@@ -106,6 +108,16 @@ class DistributedTrainer(Trainer):
             self.clip_grad_norm, self.clip_grad_value = self.zero.clip_grad_norm, self.zero.clip_grad_value
         self.extra_metadata.update({"world_size": str(glue.ctx.world), "grad_accum": str(glue.accum),
                                     "shard_optimizer": str(self.zero is not None)})
+        # stop together: a time limit or Ctrl-C may be seen by one rank a step before the others, and a
+        # rank that stops alone leaves the others waiting in the next all-reduce
+        local = self.should_stop
+
+        def should_stop():
+            reason = local() if local is not None else None
+            if dp.any_rank(glue.ctx, bool(reason)):
+                return reason or "stopped because another rank stopped"
+            return None
+        self.should_stop = should_stop
 
     @property
     def rank(self) -> int:
