@@ -71,9 +71,28 @@ class Progress:
             self.bar.close()
 
 
+def _distributed(p, args) -> int:
+    """python -m conformance --distributed N: conformance/distributed.py's check, same report."""
+    from .distributed import run_distributed, summary
+    if args.distributed < 2:
+        p.error(f"--distributed needs N >= 2 ranks, got {args.distributed}")
+    t0 = time.perf_counter()
+    results = run_distributed(args.distributed)
+    passed = summarize(results, verbose=args.verbose)
+    print(summary(results))
+    print(f"({args.distributed} ranks, {time.perf_counter() - t0:.1f} s)")
+    if args.json:
+        write_json(args.json, results)
+        print(f"wrote {args.json}")
+    return 0 if passed else 1
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m conformance", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--distributed", type=int, nargs="?", const=2, metavar="N",
+                   help="instead: the data-parallel check, N gloo ranks on localhost against one process "
+                        "(default N 2; conformance/distributed.py)")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
                    help="model preset whose variants are checked (default tiny)")
     p.add_argument("--dtype", default="both", choices=["float64", "float32", "both"])
@@ -91,6 +110,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error(f"--jobs must be >= 1, got {args.jobs}")
+    if args.distributed is not None:
+        return _distributed(p, args)
     if args.preset == "gpt2-small":
         p.error("the gpt2-small preset is for import and sizing only (124M parameters); use tiny or medium")
     dtypes = ("float64", "float32") if args.dtype == "both" else (args.dtype,)

@@ -39,6 +39,7 @@ machine's before anything is allocated.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -96,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the last part of the token stream that validates (default 0.1)")
     g.add_argument("--seed", type=int_at_least(0), default=0, help="initial weights and batch order (default 0)")
     g = p.add_argument_group("training")
+    g.add_argument("--grad-accum", type=int_at_least(1), default=1, metavar="K",
+                   help="micro-steps per update (gradient accumulation); under torchrun the global --batch-size "
+                        "is split over ranks x K (docs/distributed.md)")
+    g.add_argument("--shard-optimizer", action="store_true",
+                   help="ZeRO-1: split AdamW's state across the ranks (--impl manual; docs/distributed.md)")
     g.add_argument("--batch-size", type=int_at_least(1), default=16,
                    help="windows per update; 1 is the blog's step training (default 16)")
     g.add_argument("--epochs", type=int_at_least(1), help="passes over the training windows (default 1)")
@@ -311,6 +317,10 @@ def _run(parser, args, resume) -> int:
 
     # -- model and optimizer
     model, optimizer, clip_fns = _build(args, cfg, resume)
+    glue = None
+    if args.grad_accum > 1 or args.shard_optimizer or "WORLD_SIZE" in os.environ:   # data-parallel; needs torch
+        from parallel.train import DistributedTrainer, setup
+        glue, optimizer = setup(args, model, optimizer)
 
     # -- the loop, with its progress bar and log lines
     out = Path(args.out) if args.out else None
@@ -331,7 +341,7 @@ def _run(parser, args, resume) -> int:
             return f"time limit {args.time_limit:g} s reached"
         return None
 
-    trainer = Trainer(
+    trainer = (Trainer if glue is None else functools.partial(DistributedTrainer, glue=glue))(
         model, optimizer, batches, x_val, y_val, total_steps=total, lr=args.lr, schedule=args.schedule,
         warmup=args.warmup, min_lr=args.lr * args.min_lr_ratio, clip_norm=args.clip_norm or None,
         clip_value=args.clip_value or None, clip_grad_norm=clip_fns[0], clip_grad_value=clip_fns[1],
@@ -352,6 +362,8 @@ def _run(parser, args, resume) -> int:
         raise RuntimeError(f"training failed at step {trainer.state.step + 1}: {exc}") from exc
     finally:
         log.close()
+        if glue is not None:
+            glue.close()
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
 
