@@ -29,7 +29,7 @@ from manual.checkpoint import CheckpointError, load_model, load_tensors, model_m
 from manual.checks import CallOrderError, NonFiniteError
 from manual.config import ModelConfig
 from manual.trainer import NonFinite, Trainer, TrainState
-from tools import _cli, memprof, sample, train
+from tools import _cli, bench, layerdiff, memprof, sample, train
 
 ROOT = Path(__file__).resolve().parents[1]
 IMPLS = [manual.Model, reference.Model]
@@ -379,6 +379,11 @@ def _unwritable_folder(tmp_path) -> Path:
     (train, FAST + ["--max-steps", "1"], "--out"),
     (memprof, ["--dry-run"], "--json"),
     (memprof, ["--dry-run"], "--plot"),
+    (layerdiff, [], "--json"),
+    (layerdiff, [], "--plot"),
+    (layerdiff, ["--zoo", "no_such_fault"], "--json"),
+    (bench, ["--preset", "tiny"], "--json"),
+    (bench, ["--preset", "tiny"], "--plot"),
 ])
 @pytest.mark.parametrize("kind", ["unwritable", "directory", "under_a_file", "missing_parent"])
 def test_every_output_path_is_checked_first_one_line_exit_2(tool, argv, flag, kind, tmp_path, capsys):
@@ -390,7 +395,7 @@ def test_every_output_path_is_checked_first_one_line_exit_2(tool, argv, flag, ki
     if flag == "--out" and kind in ("directory", "missing_parent"):
         target = tmp_path / "file"                # --out is a folder: a file is the bad case (parents are made)
     extra = ["--out", str(tmp_path / "run")] if tool is train and flag != "--out" else []
-    prog = "train.py" if tool is train else "memprof.py"
+    prog = {train: "train.py", memprof: "memprof.py", layerdiff: "python -m tools.layerdiff", bench: "bench.py"}[tool]
     assert tool.main(argv + extra + [flag, str(target)]) == 2
     line = one_line_error(capsys.readouterr().err, prog)
     assert flag in line and str(target) in line
