@@ -79,6 +79,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="only a few variants")
     p.add_argument("--variant", action="append", help=f"only these variants (repeatable): {', '.join(VARIANTS)}")
     p.add_argument("--check", action="append", choices=CHECKS, help="only these checks (repeatable)")
+    p.add_argument("--third", choices=["hf"], help="also compare manual with a third implementation: "
+                   "hf = Hugging Face transformers' GPT2LMHeadModel (conformance/hf.py)")
     p.add_argument("--json", metavar="PATH", help="write every comparison as JSON")
     p.add_argument("--verbose", "-v", action="count", default=0,
                    help="the full table, one line per configuration and check (-vv: one line per tensor)")
@@ -95,6 +97,12 @@ def main(argv=None) -> int:
     except ValueError as exc:
         p.error(str(exc))
     checks = tuple(args.check) if args.check else CHECKS
+    if args.third == "hf":            # fail before the suite runs when transformers is missing
+        from .hf import require_transformers
+        try:
+            require_transformers()
+        except ImportError as exc:
+            p.error(str(exc))
     t0 = time.perf_counter()
     for case in todo:
         if args.preset != "tiny":   # bigger presets: fewer optimizer steps and tokens keep it interactive
@@ -116,6 +124,10 @@ def main(argv=None) -> int:
     finally:
         progress.close()
     results = [c for part in parts for c in part]
+    if args.third == "hf":            # transformers' GPT2LMHeadModel as a third implementation (conformance/hf.py)
+        from .hf import run_hf
+        for i, dtype in enumerate(dtypes):
+            results += run_hf(dtype, preset=args.preset, count=i == 0)
     passed = summarize(results, verbose=args.verbose)
     print(f"({len(todo)} cases, {time.perf_counter() - t0:.1f} s)")
     if args.json:

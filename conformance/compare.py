@@ -15,7 +15,7 @@ tolerance (float32 1e-5; float64 and integers: the smallest normal float64 resp.
 all-zero reference never divides by zero. On a passing float64 row max_rel <= 1e-9; on a
 passing float32 row it is at most about 1.
 
-Tolerances come from the dtype (DESIGN.md):
+Tolerances come from the dtype (docs/conformance.md, "Tolerances"):
 
     float64: every element within 1e-9 of the tensor's scale, |a - b| <= 1e-9 * max(|b|)
              (atol = 1e-9 * scale, rtol = 0). Relative to the scale, not per element:

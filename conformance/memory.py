@@ -1,6 +1,6 @@
 """Memory accounting: one source of truth for the conformance memory checks and tools/memprof.py.
 
-Bytes are split into categories (DESIGN.md):
+Bytes are split into categories (docs/memory.md):
     parameters        P * itemsize, P = registry.param_count(cfg) (tied matrix once)
     gradients         P * itemsize (one gradient buffer per parameter)
     optimizer_state   AdamW: 2 * P * itemsize (exp_avg, exp_avg_sq); SGD with momentum:
@@ -18,7 +18,8 @@ NumPy allocations are exact under tracemalloc; torch tensors are counted by elem
 
 What tools/memprof.py adds on top, kept here so that both read one accounting:
     predicted_phases      the closed form of every category after each phase of a training step
-    manual_cache_tensors  the manual caches tensor by tensor (sums to Model.cache_breakdown)
+    manual_cache_tensors  the manual caches tensor by tensor (manual.memory.cache_tensors; sums to
+                          Model.cache_breakdown)
     saved_tensors         autograd's saved tensors tensor by tensor, with the module that saved
                           them and the grad_fn that holds them (sums to activation_saved_bytes)
     TorchTensorTracker    live bytes of the torch tensors created inside a block, and their peak
@@ -32,6 +33,7 @@ import numpy as np
 from manual import registry
 
 from manual.memory import buffer_owner as _owner
+from manual.memory import cache_tensors as manual_cache_tensors
 from manual.memory import measured_peak_bytes as manual_peak_bytes
 from manual.memory import param_bytes
 
@@ -195,67 +197,8 @@ def predicted_phases(cfg, B: int, T: int, optimizer: str = "adamw") -> dict:
 
 
 # -- tensor by tensor: manual caches ------------------------------------------------------------
-
-# What each position of a manual cache holds (manual/layers/*: the cache each forward returns), by layer
-# kind and index path. A position not listed here is shown by its path ("cache[3]").
-_CACHE_NAMES = {
-    "embed": {(): "ids"},
-    "ln": {(0,): "xhat", (1,): "rstd"},
-    "attn": {(0, 0): "input", (1,): "qkv", (2,): "qkv", (3,): "qkv", (4,): "probs|lse", (5, 0): "ctx"},
-    "mlp": {(0, 0): "input", (1,): "act", (1, 0): "fc", (1, 1): "act", (2, 0): "act"},
-    "lm_head": {(0,): "ln_f.out"},
-    "mtp": {(0, 0): "ln_f.out", (1, 0): "out"},
-    "loss": {(0,): "softmax p", (1,): "targets"},
-}
-
-
-def _walk(obj, path=()):
-    """(index path, ndarray) for every array inside nested tuples / lists / dicts."""
-    if isinstance(obj, np.ndarray):
-        yield path, obj
-    elif isinstance(obj, (tuple, list)):
-        for i, item in enumerate(obj):
-            yield from _walk(item, path + (i,))
-    elif isinstance(obj, dict):
-        for key, item in obj.items():
-            yield from _walk(item, path + (key,))
-
-
-def manual_cache_tensors(model) -> list[dict]:
-    """Every buffer the manual model's last forward keeps for backward, in forward order.
-
-    Same rules as Model.cache_breakdown (each owning buffer once, at the first layer that holds it;
-    parameters excluded), so the bytes summed per layer equal cache_breakdown() entry by entry.
-    Each row: layer, name, shape, dtype, bytes, tap (the tap that shares the buffer, if one does).
-    """
-    c = model._cache
-    if c is None:
-        return []
-    seen = {id(_owner(a)) for a in model.params.values()}
-    tap_of = {}
-    for name, t in model.taps.items():
-        tap_of.setdefault(id(_owner(t)), name)
-    parts = [("embed", "embed", c.embed)]
-    for i, blk in enumerate(c.blocks):
-        parts += [(f"h.{i}.ln_1", "ln", blk[0]), (f"h.{i}.attn", "attn", blk[1]),
-                  (f"h.{i}.ln_2", "ln", blk[2]), (f"h.{i}.mlp", "mlp", blk[3])]
-    parts += [("ln_f", "ln", c.ln_f), ("lm_head", "lm_head", c.head)]
-    parts += [(f"mtp.{j}", "mtp", c.mtp[j - 2]) for j in range(2, model.cfg.n_future + 1)]
-    if c.loss is not None:
-        parts += [(f"loss.{j}", "loss", c.loss[j - 1]) for j in range(1, model.cfg.n_future + 1)]
-    rows = []
-    for layer, kind, obj in parts:
-        for path, a in _walk(obj):
-            owner = _owner(a)
-            if id(owner) in seen:
-                continue
-            seen.add(id(owner))
-            name = _CACHE_NAMES[kind].get(path, "cache" + "".join(f"[{i}]" for i in path))
-            if name == "probs|lse":
-                name = "probs" if owner.ndim == 4 and owner.shape[-1] == owner.shape[-2] else "lse"
-            rows.append({"layer": layer, "name": name, "shape": list(owner.shape), "dtype": str(owner.dtype),
-                         "bytes": int(owner.nbytes), "tap": tap_of.get(id(owner), "")})
-    return rows
+# manual_cache_tensors(model): manual.memory.cache_tensors, the accounting next to the closed forms it
+# must match (imported above under this module's name for it).
 
 
 # -- tensor by tensor: what autograd saves ------------------------------------------------------

@@ -1,27 +1,29 @@
 """Closed forms of the bytes the manual model keeps for its backward pass.
 
 `activation_breakdown(cfg, B, T)` states, layer by layer, what the manual forward caches and
-why; `Model.cache_breakdown()` measures the same thing on a live model (every cached array
-followed to the buffer that owns its memory, each buffer counted once, parameters excluded).
+why; `cache_breakdown(model)` measures the same thing on a live model (every cached array
+followed to the buffer that owns its memory, each buffer counted once, parameters excluded),
+and `cache_tensors(model)` lists those buffers one by one, named by their cache fields.
 tests/test_model.py asserts the two are equal, entry by entry, for several variants.
 
 With s = bytes per float (4 for float32, 8 for float64) and int64 ids (8 bytes):
 
+    layer          what (cache field)                    bytes
     embed          ids                                   8 B T        (rows of wte to add dx into)
     h.i.ln_1       xhat, rstd                            s (B T C + B T)   (dx needs both; mean is not kept)
-    h.i.attn       input a                               s B T C      (dWqkv = a^T dqkv)
+    h.i.attn       input a (c_attn.x)                    s B T C      (dWqkv = a^T dqkv)
                    qkv (q, k, v are views into it)       s 3 B T C    (dq needs k, dk needs q, dprobs needs v)
                    standard: probs                       s B H T T    (dv = probs^T dy and the softmax backward)
                    flash:    lse (row log-sum-exp)       s B H T      (probs are recomputed block by block)
-                   ctx                                   s B T C      (dWo = ctx^T dout; flash also reads y from it)
+                   ctx (c_proj.x)                        s B T C      (dWo = ctx^T dout; flash also reads y from it)
     h.i.ln_2       xhat, rstd                            s (B T C + B T)
-    h.i.mlp        input m                               s B T C      (dW1 = m^T dfc)
-                   act                                   s B T F      (dW2 = act^T dout; relu' = [act > 0])
-                   fc (gelu, gelu_tanh only)             s B T F      (f'(fc))
+    h.i.mlp        input m (c_fc.x)                      s B T C      (dW1 = m^T dfc)
+                   fc (f.x; gelu, gelu_tanh only)        s B T F      (f'(fc))
+                   act (f.y, relu and gelu; c_proj.x)    s B T F      (dW2 = act^T dout; relu' = [act > 0])
     ln_f           xhat, rstd                            s (B T C + B T)
-    lm_head        ln_f.out                              s B T C      (dW_out = dlogits^T xf; the mtp heads share it)
-    mtp.j          mtp.j.out (j = 2..n_future)           s B T C      (dW_out = dlogits_j^T h_j)
-    loss.j         softmax p, targets (j = 1..n_future)  s B T V + 8 B T   (only when forward had targets)
+    lm_head        ln_f.out (x)                          s B T C      (dW_out = dlogits^T xf; the mtp heads share it)
+    mtp.j          mtp.j.out (unembed.x), j = 2..k       s B T C      (dW_out = dlogits_j^T h_j; k = n_future)
+    loss.j         softmax p, targets, j = 1..k          s B T V + 8 B T   (only when forward had targets)
 
 The transient peak of forward + backward is `peak_bytes` (above the parameters and gradient
 buffers) and `peak_bytes_closed_form` (everything): see their docstrings.
@@ -166,6 +168,59 @@ def measured_peak_bytes(model, ids, targets) -> int:
     finally:
         tracemalloc.stop()
     return peak - base
+
+
+def cache_tensors(model) -> list[dict]:
+    """Every buffer the manual model's last forward keeps for backward, in forward order.
+
+    `model` is a manual.Model; its `forward_cache.layers()` gives each layer's cache. Arrays are
+    followed to the buffer that owns their memory; each buffer is counted once, at the first layer
+    (and field) that holds it; parameters are excluded. Each row: layer, name (the cache field that
+    holds it: "xhat", "c_attn.x", "qkv", "probs", ...), shape, dtype, bytes, tap (the tap that shares
+    the buffer, "" if none). An empty list before the first forward.
+    """
+    cache = model.forward_cache
+    if cache is None:
+        return []
+    seen = {id(buffer_owner(a)) for a in model.params.values()}
+    tap_of = {}
+    for name, t in model.taps.items():
+        tap_of.setdefault(id(buffer_owner(t)), name)
+    rows = []
+    for layer, layer_cache in cache.layers():
+        for name, a in _named_arrays(layer_cache):
+            owner = buffer_owner(a)
+            if id(owner) in seen:
+                continue
+            seen.add(id(owner))
+            rows.append({"layer": layer, "name": name, "shape": list(owner.shape), "dtype": str(owner.dtype),
+                         "bytes": int(owner.nbytes), "tap": tap_of.get(id(owner), "")})
+    return rows
+
+
+def cache_breakdown(model) -> dict[str, int]:
+    """Bytes held by the caches of the last forward of `model` (a manual.Model), per layer, keyed like
+    activation_breakdown (layers that hold no bytes of their own give 0): cache_tensors summed."""
+    cache = model.forward_cache
+    if cache is None:
+        return {}
+    out = {layer: 0 for layer, _ in cache.layers()}
+    for row in cache_tensors(model):
+        out[row["layer"]] += row["bytes"]
+    return out
+
+
+def _named_arrays(obj, prefix: str = ""):
+    """(field path, ndarray) for every array inside a cache: NamedTuples by field name ("c_attn.x"),
+    other tuples and lists by index ("[2]"); scalars and None hold no arrays."""
+    if isinstance(obj, np.ndarray):
+        yield prefix, obj
+    elif isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        for field, item in zip(obj._fields, obj):
+            yield from _named_arrays(item, f"{prefix}.{field}" if prefix else field)
+    elif isinstance(obj, (tuple, list)):
+        for i, item in enumerate(obj):
+            yield from _named_arrays(item, f"{prefix}[{i}]")
 
 
 def buffer_owner(a: np.ndarray) -> np.ndarray:

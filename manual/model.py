@@ -30,15 +30,15 @@ every gradient is exactly zero. A failure raises DebugCheckError naming the tens
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
-from . import checkpoint
+from . import checkpoint, memory
 from .config import ModelConfig
-from .memory import buffer_owner as _owner
-from .layers import (FLASH_BLOCK, block_backward, block_forward, embedding_backward, embedding_forward,
-                     layernorm_backward, layernorm_forward, linear_backward, linear_forward, loss_backward,
-                     loss_forward, unembed_backward, unembed_forward)
+from .layers import (FLASH_BLOCK, BlockCache, EmbeddingCache, LayerNormCache, LinearCache, LossCache, block_backward,
+                     block_forward, embedding_backward, embedding_forward, layernorm_backward, layernorm_forward,
+                     linear_backward, linear_forward, loss_backward, loss_forward, unembed_backward, unembed_forward)
 from .registry import future_targets, init_params, param_count, param_shapes, param_specs, tap_shapes, tap_specs
 
 
@@ -46,16 +46,34 @@ class DebugCheckError(AssertionError):
     """A debug-mode check failed; the message names the tensor."""
 
 
+class MTPCache(NamedTuple):
+    """Extra head j's two layers: h_j = xf @ mtp.j.weight + mtp.j.bias, logits_j = h_j @ W_out^T."""
+    linear: LinearCache        # x = xf (B, T, C), W = mtp.j.weight
+    unembed: LinearCache       # x = h_j (B, T, C), W = W_out
+
+
 @dataclass
 class ForwardCache:
     """Everything the last forward kept for backward (and nothing else)."""
-    embed: object              # ids (B, T) int64
-    blocks: list               # one block cache per layer
-    ln_f: tuple                # (xhat, rstd, w)
-    head: tuple                # unembed cache of head 1: (xf, W_out)
-    mtp: list                  # per extra head j = 2..k: (linear cache (xf, W), unembed cache (h_j, W_out))
-    loss: list | None          # per head: loss cache; None when forward had no targets
-    n_valid: list | None       # per head: number of non-PAD targets
+    embed: EmbeddingCache
+    blocks: list[BlockCache]   # one per layer
+    ln_f: LayerNormCache
+    head: LinearCache          # unembed cache of head 1: x = xf (B, T, C), W = W_out
+    mtp: list[MTPCache]        # per extra head j = 2..k
+    loss: list[LossCache] | None   # per head; None when forward had no targets
+    n_valid: list[int] | None      # per head: number of non-PAD targets
+
+    def layers(self) -> list[tuple[str, tuple]]:
+        """(layer name, that layer's cache) in forward order, named as manual.memory.activation_breakdown
+        names them ('embed', 'h.0.ln_1', 'h.0.attn', ..., 'ln_f', 'lm_head', 'mtp.2', 'loss.1', ...)."""
+        out = [("embed", self.embed)]
+        for i, blk in enumerate(self.blocks):
+            out += [(f"h.{i}.ln_1", blk.ln_1), (f"h.{i}.attn", blk.attn), (f"h.{i}.ln_2", blk.ln_2),
+                    (f"h.{i}.mlp", blk.mlp)]
+        out += [("ln_f", self.ln_f), ("lm_head", self.head)]
+        out += [(f"mtp.{j}", c) for j, c in enumerate(self.mtp, start=2)]
+        out += [(f"loss.{j}", c) for j, c in enumerate(self.loss or [], start=1)]
+        return out
 
 
 # -- input checks -------------------------------------------------------------------------------
@@ -180,7 +198,7 @@ class Model:
             logits_j, c_un = unembed_forward(h_j, W_out)                              # (B, T, V)
             taps[f"mtp.{j}.out"], taps[f"mtp.{j}.logits"] = h_j, logits_j
             head_logits.append(logits_j)
-            c_mtp.append((c_lin, c_un))
+            c_mtp.append(MTPCache(c_lin, c_un))
 
         c_loss = n_valid = None
         if targets is not None:
@@ -198,7 +216,7 @@ class Model:
         self.taps = {name: taps[name] for name in self._tap_names}
         self._cache = ForwardCache(c_embed, c_blocks, c_lnf, c_head, c_mtp, c_loss, n_valid)
         if self.debug:
-            self._check_all("forward", self.taps, "tap", B=ids.shape[0], T=ids.shape[1])
+            self._check_all("forward", self.taps, tap_shapes(cfg, *ids.shape), "tap")
         return self.loss
 
     # -- backward ---------------------------------------------------------------------------------
@@ -222,16 +240,16 @@ class Model:
         n_active = sum(1 for n in c.n_valid if n)
         dloss_head = [dloss / n_active if n else 0.0 for n in c.n_valid]
 
-        xf = c.head[0]
+        xf = c.head.x
         dxf = np.zeros_like(xf)                                                       # (B, T, C) sum over heads
         for j in range(k, 1, -1):
-            c_lin, c_un = c.mtp[j - 2]
+            c_mtp = c.mtp[j - 2]
             # loss_j = loss(logits_j / temperature, targets shifted by j - 1)
             dlogits_j = loss_backward(dloss_head[j - 1], c.loss[j - 1])               # (B, T, V)
             # logits_j = h_j @ W_out^T        (W_out: contribution of head j)
-            dh_j = unembed_backward(dlogits_j, c_un, dW_out)                          # (B, T, C)
+            dh_j = unembed_backward(dlogits_j, c_mtp.unembed, dW_out)                 # (B, T, C)
             # h_j = xf @ mtp.j.weight + mtp.j.bias
-            dxf += linear_backward(dh_j, c_lin, g[f"mtp.{j}.weight"], g.get(f"mtp.{j}.bias"))
+            dxf += linear_backward(dh_j, c_mtp.linear, g[f"mtp.{j}.weight"], g.get(f"mtp.{j}.bias"))
             rec[f"mtp.{j}.logits"], rec[f"mtp.{j}.out"] = dlogits_j, dh_j
         # loss_1 = loss(logits / temperature, targets)
         dlogits = loss_backward(dloss_head[0], c.loss[0])                             # (B, T, V)
@@ -254,9 +272,8 @@ class Model:
 
         self.tap_grads = {name: rec[name] for name in self._tap_names}
         if self.debug:
-            B, T = c.embed.shape
-            self._check_all("backward", self.tap_grads, "gradient of tap", B=B, T=T)
-            self._check_all("backward", self.grads, "gradient of", nonzero=True)
+            self._check_all("backward", self.tap_grads, tap_shapes(cfg, *c.embed.ids.shape), "gradient of tap")
+            self._check_all("backward", self.grads, self._param_shapes, "gradient of", nonzero=True)
 
     def zero_grad(self) -> None:
         """Set every gradient buffer to zero, in place (the buffers are allocated once)."""
@@ -291,44 +308,23 @@ class Model:
                                   if name.startswith(f"transformer.h.{j}.")] for j in range(self.cfg.n_layers)]
         return {short: d[full] for short, full in self._block_names[i]}
 
-    def cache_breakdown(self) -> dict[str, int]:
-        """Bytes held by the caches of the last forward, per layer (see manual/memory.py).
+    @property
+    def forward_cache(self) -> ForwardCache | None:
+        """What the last forward kept for backward (None before the first forward); read-only use."""
+        return self._cache
 
-        Each underlying buffer is counted once (arrays are followed to the array that owns the
-        memory), at the first layer that holds it in forward order; parameters are excluded.
-        """
-        c = self._cache
-        if c is None:
-            return {}
-        seen = {id(_owner(a)) for a in self.params.values()}
-        parts = [("embed", c.embed)]
-        for i, (c_ln1, c_attn, c_ln2, c_mlp, _norm) in enumerate(c.blocks):
-            parts += [(f"h.{i}.ln_1", c_ln1), (f"h.{i}.attn", c_attn), (f"h.{i}.ln_2", c_ln2), (f"h.{i}.mlp", c_mlp)]
-        parts += [("ln_f", c.ln_f), ("lm_head", c.head)]
-        parts += [(f"mtp.{j}", c.mtp[j - 2]) for j in range(2, self.cfg.n_future + 1)]
-        if c.loss is not None:
-            parts += [(f"loss.{j}", c.loss[j - 1]) for j in range(1, self.cfg.n_future + 1)]
-        out = {}
-        for name, obj in parts:
-            total = 0
-            for a in _arrays(obj):
-                owner = _owner(a)
-                if id(owner) not in seen:
-                    seen.add(id(owner))
-                    total += owner.nbytes
-            out[name] = total
-        return out
+    def cache_breakdown(self) -> dict[str, int]:
+        """Bytes held by the caches of the last forward, per layer: manual.memory.cache_breakdown."""
+        return memory.cache_breakdown(self)
 
     def cache_bytes(self) -> int:
         """Total bytes held for backward by the last forward (each buffer once, parameters excluded)."""
         return sum(self.cache_breakdown().values())
 
-    def _check_all(self, stage, tensors, what, B=None, T=None, nonzero=False):
-        """Debug checks: registered shape, dtype, finiteness (and, for parameter grads, not all zero)."""
-        if what == "gradient of":
-            expected = self._param_shapes
-        else:
-            expected = tap_shapes(self.cfg, B, T)
+    def _check_all(self, stage: str, tensors: dict, expected: dict, what: str, nonzero: bool = False):
+        """Debug checks of `tensors` against `expected` ({name: registered shape}): present, that shape,
+        the config dtype, finite, and with `nonzero` (parameter gradients) not all zero. `what` names
+        the tensors in the messages ("tap", "gradient of tap", "gradient of")."""
         idle = set()
         if nonzero and self._cache is not None:   # a head without any target gets no gradient, legitimately
             idle = {name for j in range(2, self.cfg.n_future + 1) if not self._cache.n_valid[j - 1]
@@ -351,15 +347,3 @@ class Model:
                 raise DebugCheckError(f"debug: after {stage}, {what} {name} is all zero "
                                       f"(shape {shape}): no gradient reached it")
 
-
-
-def _arrays(obj):
-    """Every ndarray inside nested tuples / lists / dicts / dataclasses."""
-    if isinstance(obj, np.ndarray):
-        yield obj
-    elif isinstance(obj, (tuple, list)):
-        for item in obj:
-            yield from _arrays(item)
-    elif isinstance(obj, dict):
-        for item in obj.values():
-            yield from _arrays(item)

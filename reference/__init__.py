@@ -13,6 +13,11 @@ both implementations the same way:
     model.grads      {name: ndarray} copies of the accumulated .grad (zeros after zero_grad)
     model.taps, model.tap_grads, model.logits, model.loss, model.num_params(), model.module
 
+and, for measurements that need the torch objects themselves (reference.optim, tools/memprof.py):
+
+    model.torch_params   {name: torch Parameter} in registry order (the tied matrix once, as wte)
+    model.loss_tensor    the loss tensor of the last forward (None without targets), graph attached
+
 Inputs are checked here, before torch sees them, with the numbers in the message.
 """
 from __future__ import annotations
@@ -24,9 +29,9 @@ from manual.checkpoint import load_model, save_model
 from manual.config import ModelConfig
 from manual.registry import init_params, tap_specs
 
-from .model import GPT, TRANSPOSED, build, canonical_parameters, export_params, load_params
+from .model import GPT, build, canonical_parameters, export_params, load_params
 
-__all__ = ["Model", "GPT", "TRANSPOSED", "check_ids", "check_targets"]
+__all__ = ["Model", "GPT", "check_ids", "check_targets"]
 
 
 def check_ids(cfg: ModelConfig, ids, what: str = "token id", name: str = "ids") -> np.ndarray:
@@ -140,6 +145,16 @@ class Model:
                 p.grad = torch.zeros_like(p)
             else:
                 p.grad.zero_()
+
+    @property
+    def torch_params(self) -> dict[str, torch.nn.Parameter]:
+        """{canonical name: the torch Parameter}, registry order; .grad is the accumulated gradient."""
+        return dict(self._params)
+
+    @property
+    def loss_tensor(self) -> torch.Tensor | None:
+        """The loss tensor of the last forward with targets (None otherwise); backward() differentiates it."""
+        return self._loss
 
     @property
     def params(self) -> dict[str, np.ndarray]:

@@ -24,11 +24,12 @@ Taps: `GPT.forward(..., taps=dict)` fills `taps` with the named intermediate ten
 manual.registry.tap_specs(cfg), in forward order, and calls `retain_grad()` on each, so
 after `loss.backward()` every tap's `.grad` is d loss / d tap.
 
-Weight layout (the checked one-to-one copy in `load_params` / `export_params`):
-    Conv1D weights (c_attn, c_proj, c_fc, mtp.{j}) are stored [in, out] like GPT-2's Conv1D,
-    which IS the canonical layout; wte (nn.Embedding) and the untied lm_head (nn.Linear) are
-    [V, C] in torch's native layout, which IS the canonical layout too. So no tensor is
-    transposed: TRANSPOSED below is empty, and the copy checks every name, shape and dtype.
+Weight layout (the checked one-to-one copy in `load_params` / `export_params`): no transposes
+are needed, because both sides store every weight in the canonical layout. Conv1D weights
+(c_attn, c_proj, c_fc, mtp.{j}) are [in, out] here as in the checkpoint (y = x @ W + b, like
+GPT-2's Conv1D); wte (nn.Embedding) and the untied lm_head (nn.Linear, logits = x @ W^T) are
+[V, C] in torch's native layout, which is the checkpoint's too. The copy checks every name,
+shape and dtype. (Were a layer an nn.Linear [out, in] weight, its copy would need a transpose.)
 """
 from __future__ import annotations
 
@@ -42,12 +43,6 @@ import torch.nn.functional as F
 from manual.checkpoint import CheckpointError, check_params
 from manual.config import ModelConfig
 from manual.registry import future_targets, param_specs
-
-# Canonical names whose torch tensor is the transpose of the checkpoint array. Every
-# linear layer here is a Conv1D stored [in, out] (the checkpoint layout), and the [V, C]
-# tables are [V, C] in nn.Embedding / nn.Linear as well, so nothing is transposed.
-# (If a layer were an nn.Linear [out, in], its weight would be listed here.)
-TRANSPOSED: tuple[str, ...] = ()
 
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -251,7 +246,7 @@ def load_params(module: GPT, params: dict[str, np.ndarray], where: str = "parame
 
     Checks everything first and raises one CheckpointError listing every missing,
     unexpected and mismatched (shape, dtype) tensor; nothing is copied unless all fit.
-    Names in TRANSPOSED would be copied transposed; there are none (see TRANSPOSED).
+    No transposes: both sides store [in, out] and [V, C] (see the module docstring).
     """
     not_arrays = {k: type(v).__name__ for k, v in params.items() if not isinstance(v, np.ndarray)}
     if not_arrays:
@@ -261,8 +256,6 @@ def load_params(module: GPT, params: dict[str, np.ndarray], where: str = "parame
     with torch.no_grad():
         for name, p in targets.items():
             src = torch.from_numpy(np.array(params[name], copy=True))   # owns its memory (inputs may be read-only)
-            if name in TRANSPOSED:
-                src = src.T
             if tuple(src.shape) != tuple(p.shape) or src.dtype != p.dtype:  # registry/module disagreement
                 raise CheckpointError(f"{name}: array {tuple(src.shape)} {src.dtype} vs parameter "
                                       f"{tuple(p.shape)} {p.dtype}")
@@ -273,8 +266,7 @@ def export_params(module: GPT) -> dict[str, np.ndarray]:
     """{canonical name: ndarray} sharing memory with the Parameters (no copies), registry order."""
     out = {}
     for name, p in canonical_parameters(module).items():
-        t = p.detach()
-        out[name] = (t.T if name in TRANSPOSED else t).numpy()
+        out[name] = p.detach().numpy()
     return out
 
 

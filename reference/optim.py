@@ -26,7 +26,7 @@ def make_optimizer(model, kind: str = "adamw", lr: float = 1e-3, weight_decay: f
 
     Each group carries its canonical names as "param_names".
     """
-    params = model._params
+    params = model.torch_params
     groups = [{"params": [params[n] for n in g["names"]], "param_names": list(g["names"]),
                "weight_decay": g["weight_decay"]}
               for g in decay_groups(model.cfg, weight_decay) if g["names"]]
@@ -43,14 +43,14 @@ def clip_grad_norm(model, max_norm: float) -> float:
 
     torch's rule: coef = max_norm / (norm + 1e-6), applied only when coef < 1. A NaN/inf norm raises.
     """
-    norm = torch.nn.utils.clip_grad_norm_(list(model._params.values()), max_norm,
+    norm = torch.nn.utils.clip_grad_norm_(list(model.torch_params.values()), max_norm,
                                           error_if_nonfinite=True, foreach=False)
     return float(norm)
 
 
 def clip_grad_value(model, clip_value: float) -> None:
     """Clamp every gradient element into [-clip_value, clip_value]."""
-    torch.nn.utils.clip_grad_value_(list(model._params.values()), clip_value, foreach=False)
+    torch.nn.utils.clip_grad_value_(list(model.torch_params.values()), clip_value, foreach=False)
 
 
 def optimizer_state(model, opt: torch.optim.Optimizer) -> dict[str, np.ndarray]:
@@ -59,7 +59,7 @@ def optimizer_state(model, opt: torch.optim.Optimizer) -> dict[str, np.ndarray]:
     Parameters without state yet (before the first step, or SGD without momentum) are absent.
     """
     out = {}
-    for name, p in model._params.items():
+    for name, p in model.torch_params.items():
         state = opt.state.get(p, {})
         for key in STATE_KEYS[type(opt).__name__]:
             value = state.get(key)

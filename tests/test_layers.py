@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from manual.layers import (ACTIVATIONS, attention_backward, attention_forward, block_backward, block_forward,
+from manual.layers import (ACTIVATIONS, AttentionCache, attention_backward, attention_forward, block_backward, block_forward,
                            embedding_backward, embedding_forward, erf, layernorm_backward, layernorm_forward,
                            linear_backward, linear_forward, loss_backward, loss_forward, mlp_backward,
                            mlp_forward, unembed_backward, unembed_forward)
@@ -79,10 +79,25 @@ def buffers(rng, params):
 
 
 # -- erf ----------------------------------------------------------------------------------------
+# manual.layers.erf (manual/layers/special.py) is the one erf of the project: GELU computes 1 + erf(x / sqrt 2)
+# with it, so these tests check the function the model runs. Most inputs span several chunks (CHUNK entries).
+
+def ulps32(got, ref):
+    """|got - ref| in units in the last place of float32 (both float32 arrays of one sign per entry)."""
+    return np.abs(got.view(np.int32).astype(np.int64) - ref.view(np.int32).astype(np.int64))
+
+
+def test_gelu_uses_this_erf():
+    from manual.layers import activations, special
+    assert activations.erf is erf is special.erf
+    x = np.linspace(-5, 5, 101)
+    np.testing.assert_array_equal(activations.gelu_forward(x)[0], 0.5 * x * erf(x, scale=1 / math.sqrt(2), offset=1))
+
 
 def test_erf_matches_math_erf_to_float64_precision():
     xs = np.concatenate([np.linspace(-7, 7, 100001), np.geomspace(1e-300, 30, 5000), -np.geomspace(1e-300, 30, 5000),
                          [0.0, -0.0, 0.84375, 1.25, 1 / 0.35, 6.0, -6.0, 1e308, -1e308, np.nextafter(0.84375, 0)]])
+    assert xs.size > 3 * erf_chunk()
     ref = np.array([math.erf(v) for v in xs])
     got = erf(xs)
     rel = np.abs(got - ref) / np.maximum(np.abs(ref), np.finfo(np.float64).tiny)
@@ -90,29 +105,60 @@ def test_erf_matches_math_erf_to_float64_precision():
     assert got.dtype == np.float64
 
 
-def test_erf_special_values_and_float32():
-    got = erf(np.array([np.inf, -np.inf, np.nan]))
-    assert got[0] == 1.0 and got[1] == -1.0 and np.isnan(got[2])
-    x32 = np.linspace(-4, 4, 1001, dtype=np.float32)
-    y32 = erf(x32)
-    assert y32.dtype == np.float32
-    ref = np.array([math.erf(float(v)) for v in x32], dtype=np.float32)  # correctly rounded float64 -> float32
-    assert np.array_equal(y32, ref)
+def erf_chunk():
+    from manual.layers.special import CHUNK
+    return CHUNK
 
 
-def test_float32_erf_of_gelu_within_one_ulp():
-    """The float32 erf that gelu uses on float32 input (float32 arithmetic where |x| < 0.84375, the
-    float64 erf elsewhere) is within 1 ulp of float32(math.erf(x)); gelu float32 stays close to float64."""
-    from manual.layers.activations import _erf_small_f32
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_erf_special_values_scale_offset_and_bad_dtype(dtype):
+    got = erf(np.array([np.inf, -np.inf, np.nan, 0.0], dtype=dtype))
+    assert got.dtype == dtype and got[0] == 1.0 and got[1] == -1.0 and np.isnan(got[2]) and got[3] == 0.0
+    got = erf(np.array([np.inf, -np.inf, 0.0], dtype=dtype), scale=0.5, offset=1.0)
+    assert got.dtype == dtype and list(got) == [2.0, 0.0, 1.0]
+    x = np.linspace(-4, 4, 1001).astype(dtype).reshape(7, 11, 13)
+    got = erf(x, scale=0.7, offset=1.0)
+    assert got.shape == x.shape and got.dtype == dtype
+    ref = np.array([math.erfc(-0.7 * float(v)) for v in x.reshape(-1)]).reshape(x.shape)   # 1 + erf(0.7 x)
+    eps = np.finfo(dtype).eps    # float64: 1 + erf is rounded in float64 (absolute error ~eps), as GELU's
+    np.testing.assert_allclose(got, ref, rtol=4 * eps, atol=2 * eps)
+    with pytest.raises(TypeError, match="float32 or float64 .* got dtype int64"):
+        erf(np.arange(3))
+
+
+def test_float32_erf_within_one_ulp_and_tails_correctly_rounded():
+    """float32: float32 arithmetic where |x| < 0.84375, within 1 ulp of float32(math.erf(x)); elsewhere
+    the float64 value rounded once, i.e. correctly rounded."""
     rng = np.random.default_rng(0)
     below = float(np.nextafter(np.float32(0.84375), np.float32(0)))   # the largest float32 below 0.84375
     x = np.concatenate([rng.uniform(-below, below, 200000), np.geomspace(1e-30, below, 2000),
                         -np.geomspace(1e-30, below, 2000), [0.0, below, -below]]).astype(np.float32)
-    got, z = np.empty_like(x), np.empty_like(x)
-    assert _erf_small_f32(x, got, z).size == 0 and got.dtype == np.float32
+    got = erf(x)
+    assert got.dtype == np.float32
     ref = np.array([math.erf(float(v)) for v in x], dtype=np.float32)
-    ulps = np.abs(got.view(np.int32).astype(np.int64) - ref.view(np.int32).astype(np.int64))
+    ulps = ulps32(got, ref)
     assert ulps.max() <= 1, f"float32 erf: {ulps.max()} ulp at x = {x[ulps.argmax()]!r}"
+    tails = np.concatenate([np.linspace(0.84375, 7, 50001), -np.linspace(0.84375, 7, 50001)]).astype(np.float32)
+    ref = np.array([math.erf(float(v)) for v in tails], dtype=np.float32)   # correctly rounded float64 -> float32
+    assert np.array_equal(erf(tails), ref)
+
+
+def test_float32_one_plus_erf_near_minus_one_is_rounded_once():
+    """GELU's 1 + erf(x / sqrt 2) for x << 0 is tiny (erfc): float32 keeps its relative accuracy because
+    the offset is added in float64 before the one rounding (adding 1 to a rounded float32 erf would
+    leave errors up to ~5e-4 relative at x = -4). Below x = -5 the float64 1 + erf itself cancels
+    (erfc(5 / sqrt 2) = 6e-7, so 1e-16 / 6e-7 ~ 2e-10 relative there, still far below float32's)."""
+    x = np.linspace(-5, -1.2, 20001).astype(np.float32)
+    got = erf(x, scale=1 / math.sqrt(2), offset=1.0)
+    assert got.dtype == np.float32
+    ref = np.array([math.erfc(-float(v) / math.sqrt(2)) for v in x])
+    rel = np.abs(got - ref) / ref
+    assert rel.max() <= np.finfo(np.float32).eps, \
+        f"1 + erf(x / sqrt 2) float32: relative error {rel.max():.2e} at x = {x[rel.argmax()]}"
+
+
+def test_gelu_float32_close_to_float64():
+    rng = np.random.default_rng(0)
     xs = np.concatenate([rng.normal(0, 3, 100000), [0.0, 1e-30, -40.0, 40.0, 1.19, -1.2]])
     y32 = ACTIVATIONS["gelu"][0](xs.astype(np.float32))[0]
     y64 = ACTIVATIONS["gelu"][0](xs.astype(np.float32).astype(np.float64))[0]
@@ -234,6 +280,23 @@ def attention_reference(a, Wa, ba, Wp, bp, H):
         p /= p.sum(-1, keepdims=True)
         out[:, :, h * D:(h + 1) * D] = p @ v
     return out @ Wp + (bp if bp is not None else 0)
+
+
+@pytest.mark.parametrize("flash", [False, True])
+def test_attention_cache_names_its_softmax_statistics(flash):
+    """Standard attention keeps probs (B, H, T, T), flash keeps lse (B, H, T); the other field is None."""
+    rng = np.random.default_rng(6)
+    a = rand(rng, B, T, C)
+    taps, cache = attention_forward(a, rand(rng, C, 3 * C), None, rand(rng, C, C), None, H, flash=flash, block=2)
+    assert isinstance(cache, AttentionCache)
+    if flash:
+        assert cache.probs is None and cache.lse.shape == (B, H, T)
+        np.testing.assert_allclose(cache.lse, np.log(np.exp(taps["q"] @ taps["k"].transpose(0, 1, 3, 2) / math.sqrt(C // H)
+                                                            + np.triu(np.full((T, T), -np.inf), 1)).sum(-1)),
+                                   rtol=1e-13)
+    else:
+        assert cache.lse is None and cache.probs is taps["probs"] and cache.probs.shape == (B, H, T, T)
+    assert cache.ctx is taps["ctx"] and cache.c_attn.x is a and cache.qkv.shape == (B, T, 3 * C)
 
 
 @pytest.mark.parametrize("flash,block,bias", [(False, 64, True), (False, 64, False), (True, 2, True), (True, 3, False),

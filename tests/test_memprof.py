@@ -205,14 +205,21 @@ def test_churn_table(tiny):
     assert result["churn"]["reference"]["allocations"] > 0
 
 
+def _allocate_800_bytes():
+    return np.zeros((10, 10))                      # one allocation of 800 bytes
+
+
 def test_numpy_counter_counts_exactly():
     with memprof.NumpyAllocationCounter() as counter:
         a = np.empty(1000, dtype=np.float32)       # one allocation of 4000 bytes
-        b = np.zeros((10, 10))                     # one of 800 bytes
-    assert counter.count == 2 and counter.bytes == 4800
-    assert [s["bytes"] for s in counter.top()] == [4000, 800]          # one site per line, largest first
-    assert all(s["site"].startswith("tests/test_memprof.py:") for s in counter.top())
-    del a, b
+        b = _allocate_800_bytes()
+        c = np.empty(10, dtype=np.int8)            # 10 bytes, the same function as the first
+    assert counter.count == 3 and counter.bytes == 4810
+    # one site per function (named, not numbered: a line number goes stale), largest first
+    assert counter.top() == [
+        {"site": "tests/test_memprof.py: test_numpy_counter_counts_exactly", "count": 2, "bytes": 4010},
+        {"site": "tests/test_memprof.py: _allocate_800_bytes", "count": 1, "bytes": 800}]
+    del a, b, c
 
 
 def test_plot_written(tiny):

@@ -303,6 +303,29 @@ def test_cache_bytes_equal_the_closed_form(overrides, B, T):
     assert model.cache_bytes() == activation_bytes(cfg, B, T, with_targets=False)
 
 
+@pytest.mark.parametrize("overrides,names", [
+    (dict(), {"embed": ["ids"], "h.0.ln_1": ["xhat", "rstd"], "h.0.attn": ["c_attn.x", "qkv", "probs", "c_proj.x"],
+              "h.0.mlp": ["c_fc.x", "f.x", "f.y"], "lm_head": ["x"], "loss.1": ["p", "targets"]}),
+    (dict(attention="flash", activation="relu", n_future=2),
+     {"h.1.attn": ["c_attn.x", "qkv", "lse", "c_proj.x"], "h.1.mlp": ["c_fc.x", "f.y"], "mtp.2": ["unembed.x"],
+      "loss.2": ["p", "targets"]}),
+])
+def test_cache_tensors_are_named_by_their_cache_fields(overrides, names):
+    from manual.memory import cache_tensors
+    cfg = small_cfg(**overrides)
+    model = Model(cfg, 0, flash_block=4)
+    assert cache_tensors(model) == [] and model.forward_cache is None
+    ids, targets = batch(cfg)
+    model.forward(ids, targets)
+    rows = cache_tensors(model)
+    for layer, want in names.items():
+        assert [r["name"] for r in rows if r["layer"] == layer] == want, layer
+    by_layer = {}
+    for r in rows:
+        by_layer[r["layer"]] = by_layer.get(r["layer"], 0) + r["bytes"]
+    assert by_layer == {k: v for k, v in model.cache_breakdown().items() if v}
+
+
 def test_cache_bytes_closed_form_by_hand():
     """The tiny preset, float32, B=4, T=20, written out (a check of the closed form itself)."""
     cfg = ModelConfig.preset("tiny")                  # V 100, C 64, H 4, F 256, L 3, gelu

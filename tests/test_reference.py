@@ -21,7 +21,7 @@ from manual.checkpoint import CheckpointError, load_model, model_metadata, save_
 from manual.config import ModelConfig
 from manual.registry import (init_params, param_count, param_count_closed_form, param_shapes, param_specs,
                              tap_shapes, tap_specs)
-from reference import TRANSPOSED, Model
+from reference import Model
 from reference.model import canonical_parameters
 from reference import optim as ropt
 
@@ -90,13 +90,15 @@ def test_gpt2_small_count():
 
 
 def test_nothing_is_transposed():
-    # Conv1D weights are [in, out] and the [V, C] tables are [V, C] in torch too: the
-    # canonical layout is torch's layout, so the checked copy transposes nothing.
-    assert TRANSPOSED == ()
-    cfg = small(tie_embeddings=False, n_future=2)
-    module = Model(cfg).module
+    # Conv1D weights are [in, out] and the [V, C] tables are [V, C] in torch too: the canonical
+    # layout is torch's layout, so the checked copy transposes nothing. Every Parameter has the
+    # registry's shape and holds the canonical array as is (no transpose, not even of a square one).
+    cfg = small(tie_embeddings=False, n_future=2, d_ff=8)   # d_ff = d_model: c_fc and c_proj are square
+    params = init_params(cfg, seed=5)
+    module = Model.from_params(cfg, params).module
     for name, p in canonical_parameters(module).items():
         assert tuple(p.shape) == param_shapes(cfg)[name], name
+        assert same_bits(p.detach().numpy(), params[name]), name
 
 
 # -- checkpoints ----------------------------------------------------------------------------
@@ -133,6 +135,24 @@ def test_params_are_views_of_the_parameters():
     m.params["transformer.ln_f.weight"][...] = 2.0
     assert torch.all(m.module.transformer.ln_f.weight == 2.0)
     assert m.forward(ids, targets) != before
+
+
+def test_torch_accessors():
+    """torch_params and loss_tensor: the torch objects behind params and loss (reference.optim and
+    tools/memprof.py measure with them)."""
+    cfg = small(tie_embeddings=False, n_future=2)
+    m = Model(cfg, seed=0)
+    tp = m.torch_params
+    assert list(tp) == list(m.params) == [s.name for s in param_specs(cfg)]
+    for name, p in tp.items():
+        assert isinstance(p, torch.nn.Parameter) and p.data_ptr() == m.params[name].ctypes.data, name
+    assert m.loss_tensor is None
+    ids = np.arange(12).reshape(2, 6) % cfg.vocab_size
+    m.forward(ids, (ids + 1) % cfg.vocab_size)
+    assert isinstance(m.loss_tensor, torch.Tensor) and m.loss_tensor.requires_grad
+    assert float(m.loss_tensor.detach()) == m.loss
+    m.forward(ids)
+    assert m.loss_tensor is None
 
 
 def test_from_params_copies():
@@ -513,7 +533,7 @@ def test_manual_runs_with_torch_blocked():
 @pytest.mark.parametrize("kw", [dict(), dict(norm="post", activation="relu", bias=False, tie_embeddings=False,
                                              n_future=3, loss="brier", temperature=0.7)], ids=vid)
 def test_manual_agrees_with_reference_float64_tiny(kw):
-    """Loss, logits, every tap, tap grad and parameter grad within DESIGN.md's float64 tolerance:
+    """Loss, logits, every tap, tap grad and parameter grad within the float64 tolerance of docs/conformance.md:
     max |a - b| <= 1e-9 * max |b| per tensor. (Measured when written: about 2e-15.)"""
     import manual
     cfg = ModelConfig.preset("tiny", dtype="float64", **kw)

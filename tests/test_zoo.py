@@ -29,7 +29,7 @@ NAMES = [f.name for f in faults.FAULTS]
 def manual_globals():
     """(module, name) -> id of every global of the manual package, and the ACTIVATIONS table."""
     snap = {}
-    for mod in faults._manual_modules():
+    for mod in faults.manual_modules():
         for k, v in vars(mod).items():
             if k == "__builtins__":
                 continue

@@ -1,11 +1,15 @@
-"""The bug zoo: real gradient bugs, injected one at a time into the MANUAL implementation.
+"""The bug zoo: gradient bugs, injected one at a time into the MANUAL implementation.
 
-Every fault here is a bug that someone actually shipped or lost days to: the blog post whose
-hand-built C++ transformer this project re-derives ("gradients not zeroed", "multiplied
-instead of accumulated", "a layer norm that quietly changed shape", "a transposed embedding
-gradient", the FFN bias B2 declared [1, d_ff]), and the classics of llm.c / nanoGPT /
-micrograd issue threads (unbiased variance, a missing 1/sqrt(D), a causal mask off by one,
-PAD counted in the mean, tanh-GELU for erf-GELU, AdamW without bias correction, ...).
+Where they come from (each Fault's `origin` says which):
+  * the blog post this project grew from (README.md): its author lost days to a missing zero-grad,
+    gradients multiplied instead of accumulated, a layer norm that quietly changed shape and a
+    transposed embedding gradient. Those four are here as the blog describes them.
+  * a convention or API default that invites the slip, named where we can name it concretely
+    (torch.var is unbiased by default while nn.LayerNorm is not; F.cross_entropy ignores only
+    ignore_index = -100 unless told otherwise; GPT-2 uses the tanh GELU and torch's default is erf;
+    flax's LayerNorm defaults to eps = 1e-6, GPT-2 uses 1e-5; ...).
+  * the rest are constructed: a one-line slip of the kind hand-written backward passes make (a
+    term of a derivation left out, an index shifted by one), not a bug traced to a specific project.
 
 Nothing here is active unless asked for:
 
@@ -16,8 +20,10 @@ Nothing here is active unless asked for:
 How a fault is injected (so that it survives refactors of manual/layers' internals):
   * layer faults REPLACE a forward/backward PAIR (`layernorm_forward` and `layernorm_backward`,
     ...) by a small buggy copy written below, or WRAP one function around the original
-    (call it, then add the bug). Either way they depend only on the functions' names and
-    signatures, never on the shape of a cache. The replacement is done by identity: every
+    (call it, then add the bug). Either way they depend on the functions' names and signatures
+    and on the caches' field names (manual.layers' NamedTuples: a buggy pair returns manual's
+    cache type where it keeps the same things, its own NamedTuple where it does not, and hands
+    the original's cache back to the original by type). The replacement is done by identity: every
     module of the `manual` package that holds the original function object (as a global, or
     inside a module-level dict of (forward, backward) pairs such as ACTIVATIONS) gets the
     buggy one, and the original is put back on exit.
@@ -29,7 +35,7 @@ debugger must name first, in its walk order: taps forward, then "loss", then `gr
 backward, then `grad.<param>` in reverse registry order, then the optimizer trajectory in
 step order as `adamw.<what>.<name>`), which conformance checks expose it, and the case it
 needs (config overrides on the tiny preset, always float64 so the tolerance is 1e-9).
-`python tools/layerdiff.py --zoo` runs them all; `--list-faults` lists them.
+`python -m tools.layerdiff --zoo` runs them all; `--list-faults` lists them.
 """
 from __future__ import annotations
 
@@ -38,6 +44,7 @@ import sys
 import types
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -45,16 +52,17 @@ import manual
 import manual.layers
 import manual.optim
 from manual.config import ModelConfig
+from manual.layers import AttentionCache, EmbeddingCache, LayerNormCache, LinearCache, LossCache
 
 FWD_CHECKS = ("logits", "loss", "activation", "activation_grad", "param_grad")
 OPT_CHECKS = ("optimizer",)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Fault:
     name: str
     description: str          # the bug, with the buggy line as it would read in the code
-    origin: str               # where this bug comes from
+    origin: str               # where this bug comes from: the blog, a named convention, or "constructed"
     expected: str             # the tensor where the fault lives: what the debugger must name first
     stage: str                # 'forward', 'backward' or 'optimizer': where it first shows
     checks: tuple             # the conformance checks that expose it
@@ -77,9 +85,12 @@ class Fault:
 # ------------------------------------------------------------------------------------------------
 # patching machinery
 
-def _manual_modules():
+def manual_modules():
+    """Every loaded module of the `manual` package (where `replaced` looks for the originals)."""
     return [m for n, m in sorted(sys.modules.items())
             if (n == "manual" or n.startswith("manual.")) and isinstance(m, types.ModuleType)]
+
+
 
 
 @contextmanager
@@ -93,7 +104,7 @@ def replaced(replacements: dict):
     by_id = {id(k): v for k, v in replacements.items()}
     undo = []
     try:
-        for mod in _manual_modules():
+        for mod in manual_modules():
             for attr, value in list(vars(mod).items()):
                 if id(value) in by_id:
                     undo.append((vars(mod), attr, value))
@@ -155,10 +166,10 @@ def layernorm_pair(*, ddof=0, eps=None, axis=-1, dgamma="accumulate", dbeta="acc
         y = xhat * w
         if b is not None:
             y = y + b
-        return y, (xhat, rstd, w)
+        return y, LayerNormCache(xhat, rstd, w)
 
     def layernorm_backward(dy, cache, dw, db=None):
-        xhat, rstd, w = cache
+        xhat, rstd, w = cache.xhat, cache.rstd, cache.w
         C = dy.shape[-1]
         per_pos_w = (dy * xhat).reshape(-1, C)                 # (N, C) one row per position
         per_pos_b = dy.reshape(-1, C)
@@ -181,11 +192,22 @@ def layernorm_pair(*, ddof=0, eps=None, axis=-1, dgamma="accumulate", dbeta="acc
     return layernorm_forward, layernorm_backward
 
 
+class BuggyAttentionCache(NamedTuple):
+    """What attention_pair's standard forward keeps (its flash forward returns the original AttentionCache)."""
+    c_attn: LinearCache        # x = a (B, T, C), W = Wqkv
+    q: np.ndarray              # (B, H, T, D)
+    k: np.ndarray              # (B, H, T, D)
+    v: np.ndarray              # (B, H, T, D)
+    probs: np.ndarray          # (B, H, T, T)
+    c_proj: LinearCache        # x = ctx (B, T, C), W = Wo
+    scale: float               # the (possibly buggy) score scale
+
+
 def attention_pair(*, scale=True, mask_offset=0, split="transpose", softmax_row_term=True):
     """A causal self-attention forward/backward pair (standard attention) with one bug switched on.
 
     Same signatures, taps and recorded gradients as manual/layers/attention.py; flash attention
-    is passed through to the original functions untouched.
+    is passed through to the original functions untouched (its cache is an AttentionCache).
     """
     orig_fwd, orig_bwd = manual.layers.attention_forward, manual.layers.attention_backward
     L = manual.layers
@@ -202,8 +224,7 @@ def attention_pair(*, scale=True, mask_offset=0, split="transpose", softmax_row_
 
     def attention_forward(a, W_attn, b_attn, W_proj, b_proj, n_heads, flash=False, block=L.FLASH_BLOCK):
         if flash:
-            taps, cache = orig_fwd(a, W_attn, b_attn, W_proj, b_proj, n_heads, flash=flash, block=block)
-            return taps, ("original", cache)
+            return orig_fwd(a, W_attn, b_attn, W_proj, b_proj, n_heads, flash=flash, block=block)
         B, T, C = a.shape
         H, D = n_heads, C // n_heads
         s = 1.0 / math.sqrt(D) if scale else 1.0               # BUG if scale=False: no 1/sqrt(D)
@@ -218,14 +239,14 @@ def attention_pair(*, scale=True, mask_offset=0, split="transpose", softmax_row_
         ctx = y.transpose(0, 2, 1, 3).reshape(B, T, C)
         out, c_proj = L.linear_forward(ctx, W_proj, b_proj)
         taps = {"q": q, "k": k, "v": v, "att": att, "probs": probs, "ctx": ctx, "out": out}
-        return taps, ("copy", c_attn, q, k, v, probs, c_proj, s)
+        return taps, BuggyAttentionCache(c_attn, q, k, v, probs, c_proj, s)
 
     def attention_backward(dout, cache, dW_attn, db_attn, dW_proj, db_proj, record=None):
-        if cache[0] == "original":
-            return orig_bwd(dout, cache[1], dW_attn, db_attn, dW_proj, db_proj, record=record)
-        _, c_attn, q, k, v, probs, c_proj, s = cache
+        if isinstance(cache, AttentionCache):                  # flash: the original pair's cache
+            return orig_bwd(dout, cache, dW_attn, db_attn, dW_proj, db_proj, record=record)
+        q, k, v, probs, s = cache.q, cache.k, cache.v, cache.probs, cache.scale
         B, H, T, D = q.shape
-        dctx = L.linear_backward(dout, c_proj, dW_proj, db_proj)          # (B, T, C)
+        dctx = L.linear_backward(dout, cache.c_proj, dW_proj, db_proj)    # (B, T, C)
         dy = dctx.reshape(B, T, H, D).transpose(0, 2, 1, 3)              # (B, H, T, D)
         dprobs = dy @ v.transpose(0, 1, 3, 2)                            # (B, H, T, T)
         dv = probs.transpose(0, 1, 3, 2) @ dy
@@ -236,11 +257,21 @@ def attention_pair(*, scale=True, mask_offset=0, split="transpose", softmax_row_
         dq = (datt @ k) * s
         dk = (datt.transpose(0, 1, 3, 2) @ q) * s
         dqkv = np.concatenate([heads_back(t, B, T, H, D) for t in (dq, dk, dv)], axis=-1)  # (B, T, 3C)
-        da = L.linear_backward(dqkv, c_attn, dW_attn, db_attn)
+        da = L.linear_backward(dqkv, cache.c_attn, dW_attn, db_attn)
         if record is not None:
             record.update(out=dout, ctx=dctx, probs=dprobs, att=datt, q=dq, k=dk, v=dv)
         return da
     return attention_forward, attention_backward
+
+
+class BuggyLossCache(NamedTuple):
+    """What loss_pair's cross-entropy forward keeps (brier passes through with the original LossCache)."""
+    p: np.ndarray              # (B, T, V) softmax
+    targets: np.ndarray        # (B, T)
+    weight: np.ndarray         # (B, T) 1 on the positions that count (buggy: PAD too)
+    count: float               # sum of weight
+    temperature: float
+    n: int                     # number of non-PAD targets
 
 
 def loss_pair(*, subtract_max=True, count_pad=False):
@@ -249,8 +280,7 @@ def loss_pair(*, subtract_max=True, count_pad=False):
 
     def loss_forward(logits, targets, pad_id, temperature, kind="cross_entropy"):
         if kind != "cross_entropy":
-            out, cache = orig_fwd(logits, targets, pad_id, temperature, kind)
-            return out, ("original", cache)
+            return orig_fwd(logits, targets, pad_id, temperature, kind)
         dtype = logits.dtype
         z = logits / temperature                               # (B, T, V)
         if subtract_max:
@@ -270,17 +300,17 @@ def loss_pair(*, subtract_max=True, count_pad=False):
         count = weight.sum()
         with np.errstate(over="ignore", invalid="ignore"):
             loss = np.asarray(np.sum(per_pos * weight) / count if n else np.nan, dtype=dtype)
-        return (loss, n), ("copy", p, targets, weight, count, temperature, n)
+        return (loss, n), BuggyLossCache(p, targets, weight, count, temperature, n)
 
     def loss_backward(dloss, cache):
-        if cache[0] == "original":
-            return orig_bwd(dloss, cache[1])
-        _, p, targets, weight, count, temperature, n = cache
-        if n == 0:
+        if isinstance(cache, LossCache):                       # brier: the original pair's cache
+            return orig_bwd(dloss, cache)
+        p = cache.p
+        if cache.n == 0:
             return np.zeros_like(p)
-        w = weight * (dloss / (count * temperature))           # (B, T)
+        w = cache.weight * (dloss / (cache.count * cache.temperature))   # (B, T)
         dz = p * w[..., None]
-        idx = targets[..., None]
+        idx = cache.targets[..., None]
         np.put_along_axis(dz, idx, np.take_along_axis(dz, idx, axis=-1) - w[..., None], axis=-1)
         return dz
     return loss_forward, loss_backward
@@ -289,9 +319,10 @@ def loss_pair(*, subtract_max=True, count_pad=False):
 def embedding_pair(*, lookup_grad=True, wpe_shift=0):
     """Token + position embedding with one bug in its backward switched on."""
     def embedding_forward(ids, wte, wpe):
-        return wte[ids] + wpe[: ids.shape[1]], ids
+        return wte[ids] + wpe[: ids.shape[1]], EmbeddingCache(ids)
 
-    def embedding_backward(dx, ids, dwte, dwpe):
+    def embedding_backward(dx, cache, dwte, dwpe):
+        ids = cache.ids
         T, C = ids.shape[1], dx.shape[-1]
         if lookup_grad:                                        # BUG when off: the tied wte loses this use
             np.add.at(dwte, ids.reshape(-1), dx.reshape(-1, C))
@@ -426,98 +457,122 @@ def _gelu_swap():
     return {A.gelu_forward: A.gelu_tanh_forward, A.gelu_backward: A.gelu_tanh_backward}
 
 
+BLOG = "the blog post (README.md, the story)"
+CONSTRUCTED = "constructed"
+
 FAULTS: list[Fault] = [
-    Fault("grads_not_zeroed",
-          "zero_grad does nothing (model and optimizer): step 2's gradients are step 1's plus step 2's",
-          "the blog post: the missing zero-grad", "adamw.grad.transformer.wte.weight", "optimizer", OPT_CHECKS,
-          _sides(manual=ModelNoZeroGrad, manual_optim=_optim_namespace(AdamW=AdamWNoZeroGrad, SGD=SGDNoZeroGrad)),
+    Fault(name="grads_not_zeroed",
+          description="zero_grad does nothing (model and optimizer): step 2's gradients are step 1's plus step 2's",
+          origin=f"{BLOG}: the missing zero-grad",
+          expected="adamw.grad.transformer.wte.weight", stage="optimizer", checks=OPT_CHECKS,
+          patch=_sides(manual=ModelNoZeroGrad,
+                       manual_optim=_optim_namespace(AdamW=AdamWNoZeroGrad, SGD=SGDNoZeroGrad)),
           opt_steps=2),
-    Fault("ln_gamma_grad_assigned",
-          "layer norm: `dgamma = dy[t] * xhat[t]` inside the loop over positions, `=` where `+=` belongs: "
-          "only the last position's contribution survives",
-          "the blog post: gradients assigned instead of accumulated; llm.c's `+=` rule",
-          "grad.transformer.ln_f.weight", "backward", FWD_CHECKS, _ln(dgamma="assign_in_loop")),
-    Fault("ln_grads_multiplied",
-          "layer norm: `dgamma *= ...; dbeta *= ...` where `+=` belongs: after zero_grad both stay 0",
-          "the blog post: gradients multiplied instead of accumulated",
-          "grad.transformer.ln_f.bias", "backward", FWD_CHECKS, _ln(dgamma="multiply", dbeta="multiply")),
-    Fault("ln_dx_missing_mean_term",
-          "layer norm backward: dx = rstd (g - xhat mean(g xhat)), the gradient through the mean left out",
-          "llm.c doc/layernorm: the two terms of the derivation", "grad.h.2.out", "backward", FWD_CHECKS,
-          _ln(dx_mean_term=False)),
-    Fault("ln_unbiased_variance",
-          "layer norm: var = sum((x - mean)^2) / (C - 1), the unbiased (torch.var default) variance",
-          "nanoGPT / llm.c threads: torch.var vs nn.LayerNorm; DESIGN.md 'unbiased variance'",
-          "h.0.ln_1.out", "forward", FWD_CHECKS, _ln(ddof=1), config=dict(norm="post")),
-    Fault("ln_eps_1e-6",
-          "layer norm: eps hard-coded to 1e-6 while the config says ln_eps = 1e-5",
-          "HF / nanoGPT ports: layer_norm_epsilon 1e-5 vs a default 1e-6", "h.0.ln_1.out", "forward", FWD_CHECKS,
-          _ln(eps=1e-6)),
-    Fault("ln_wrong_axis",
-          "layer norm: mean and variance over axis 1 (time) instead of the last axis (channels); the "
-          "shapes still fit",
-          "the blog post: a layer norm that quietly changed shape", "h.0.ln_1.out", "forward", FWD_CHECKS,
-          _ln(axis=1)),
-    Fault("attention_no_scale",
-          "attention: att = q @ k^T without the 1/sqrt(D) scale", "the blog post's attention; nanoGPT issues",
-          "h.0.attn.att", "forward", FWD_CHECKS, _attn(scale=False)),
-    Fault("causal_mask_off_by_one",
-          "attention: mask j > i + 1 instead of j > i: each position sees the next token",
-          "llm.c / nanoGPT threads: triu(diagonal=2)", "h.0.attn.probs", "forward", FWD_CHECKS,
-          _attn(mask_offset=1)),
-    Fault("heads_split_with_reshape",
-          "attention: q.reshape(B, H, T, D) where q.reshape(B, T, H, D).transpose(1, 2) is needed",
-          "nanoGPT / minGPT issue threads: view vs transpose", "h.0.attn.q", "forward", FWD_CHECKS,
-          _attn(split="reshape")),
-    Fault("softmax_backward_missing_row_term",
-          "attention softmax backward: datt = p * dp, the - sum_k p_k dp_k term left out",
-          "micrograd / llm.c attention_backward derivations", "grad.h.2.attn.att", "backward", FWD_CHECKS,
-          _attn(softmax_row_term=False)),
-    Fault("softmax_no_max_subtraction",
-          "loss: softmax without subtracting the row max: exp(z) overflows on large logits (this case: "
-          "temperature 1e-4, so z = logits / 1e-4 reaches ~1e3 and exp(z) = inf)",
-          "the blog post's softmax; every hand-written softmax", "loss", "forward", FWD_CHECKS,
-          _loss(subtract_max=False), config=dict(temperature=1e-4)),
-    Fault("pad_counted_in_mean",
-          "loss: the mean over ALL positions, PAD targets included (cross_entropy without ignore_index)",
-          "the blog post's PAD handling; HF ignore_index=-100 threads", "loss", "forward", FWD_CHECKS,
-          _loss(count_pad=True)),
-    Fault("gelu_erf_tanh_swapped",
-          "activation 'gelu' (exact, erf) computed with the tanh approximation",
-          "GPT-2 uses gelu_new (tanh); HF / nanoGPT threads on approximate='tanh'", "h.0.mlp.act", "forward",
-          FWD_CHECKS, _layer_patch(_gelu_swap)),
-    Fault("ffn_b2_grad_one_row",
-          "FFN output bias: the blog's B2 declared [1, d_ff] instead of [1, d_model]; the fix-up copied one "
-          "row of dout into dB2 instead of summing over positions",
-          "the blog post: the B2 [1, d_ff] typo", "grad.transformer.h.2.mlp.c_proj.bias", "backward", FWD_CHECKS,
-          _layer_patch(lambda: {manual.layers.mlp_backward: mlp_backward_b2_one_row()})),
-    Fault("tied_embedding_one_contribution",
-          "tied embedding: the lookup's gradient is never added to wte, which keeps only the output "
-          "projection's contribution", "the blog post: the tied token_embeddings_ used twice",
-          "grad.transformer.wte.weight", "backward", FWD_CHECKS, _embed(lookup_grad=False)),
-    Fault("wte_grad_transposed",
-          "output projection: dW = x^T dy ([C, V]) stored into the [V, C] token-embedding gradient with a "
-          "reshape instead of a transpose", "the blog post: the transposed embedding gradient",
-          "grad.transformer.wte.weight", "backward", FWD_CHECKS,
-          _layer_patch(lambda: {manual.layers.unembed_backward: unembed_backward_transposed()})),
-    Fault("wpe_grad_shifted",
-          "position embedding: dwpe[t + 1] += dx[:, t], the gradient of position t lands on row t + 1",
-          "off-by-one in position indexing (llm.c encoder_backward)", "grad.transformer.wpe.weight", "backward",
-          FWD_CHECKS, _embed(wpe_shift=1)),
-    Fault("adamw_no_bias_correction",
-          "AdamW: p -= lr m / (sqrt(v) + eps), without dividing m by 1 - beta1^t and v by 1 - beta2^t",
-          "hand-written Adam in llm.c / micrograd forks", "adamw.param.transformer.wte.weight", "optimizer",
-          OPT_CHECKS, _sides(manual_optim=_optim_namespace(AdamW=AdamWNoBiasCorrection)), opt_steps=1),
-    Fault("weight_decay_on_biases_and_norms",
-          "AdamW: every parameter but the embeddings in the decay group, biases and layer norms included",
-          "nanoGPT configure_optimizers (dim >= 2 decays, biases and norms do not)",
-          "adamw.param.transformer.h.0.ln_1.weight", "optimizer", OPT_CHECKS,
-          _sides(manual_optim=_optim_namespace(AdamW=AdamWDecayEverything)), opt_steps=1),
-    Fault("clip_per_tensor",
-          "gradient clipping: each tensor scaled to norm <= 1 on its own instead of all of them by the "
-          "global norm", "the blog post's clip; torch clip_grad_norm_ semantics",
-          "adamw.clipped_grad.transformer.wte.weight", "optimizer", OPT_CHECKS,
-          _sides(manual_optim=_optim_namespace(clip_grad_norm_=clip_grad_norm_per_tensor)), opt_steps=1),
+    Fault(name="ln_gamma_grad_assigned",
+          description="layer norm: `dgamma = dy[t] * xhat[t]` inside the loop over positions, `=` where `+=` "
+                      "belongs: only the last position's contribution survives",
+          origin=f"{CONSTRUCTED}: the `=` variant of the blog's accumulation bug (see ln_grads_multiplied)",
+          expected="grad.transformer.ln_f.weight", stage="backward", checks=FWD_CHECKS,
+          patch=_ln(dgamma="assign_in_loop")),
+    Fault(name="ln_grads_multiplied",
+          description="layer norm: `dgamma *= ...; dbeta *= ...` where `+=` belongs: after zero_grad both stay 0",
+          origin=f"{BLOG}: gradients multiplied instead of accumulated",
+          expected="grad.transformer.ln_f.bias", stage="backward", checks=FWD_CHECKS,
+          patch=_ln(dgamma="multiply", dbeta="multiply")),
+    Fault(name="ln_dx_missing_mean_term",
+          description="layer norm backward: dx = rstd (g - xhat mean(g xhat)), the gradient through the mean "
+                      "left out",
+          origin=f"{CONSTRUCTED}: one of the two terms of the derivation (llm.c doc/layernorm derives both)",
+          expected="grad.h.2.out", stage="backward", checks=FWD_CHECKS, patch=_ln(dx_mean_term=False)),
+    Fault(name="ln_unbiased_variance",
+          description="layer norm: var = sum((x - mean)^2) / (C - 1), the unbiased variance",
+          origin="a layer norm written with torch.var, whose default is the unbiased variance, where "
+                 "nn.LayerNorm uses the biased one",
+          expected="h.0.ln_1.out", stage="forward", checks=FWD_CHECKS, patch=_ln(ddof=1),
+          config=dict(norm="post")),
+    Fault(name="ln_eps_1e-6",
+          description="layer norm: eps hard-coded to 1e-6 while the config says ln_eps = 1e-5",
+          origin="a framework default taken over the model's config: flax.linen.LayerNorm defaults to "
+                 "eps = 1e-6, GPT-2's layer_norm_epsilon is 1e-5",
+          expected="h.0.ln_1.out", stage="forward", checks=FWD_CHECKS, patch=_ln(eps=1e-6)),
+    Fault(name="ln_wrong_axis",
+          description="layer norm: mean and variance over axis 1 (time) instead of the last axis (channels); "
+                      "the shapes still fit",
+          origin=f"{BLOG}: a layer norm that quietly changed shape",
+          expected="h.0.ln_1.out", stage="forward", checks=FWD_CHECKS, patch=_ln(axis=1)),
+    Fault(name="attention_no_scale",
+          description="attention: att = q @ k^T without the 1/sqrt(D) scale",
+          origin=f"{CONSTRUCTED}: the scale of scaled dot-product attention left out",
+          expected="h.0.attn.att", stage="forward", checks=FWD_CHECKS, patch=_attn(scale=False)),
+    Fault(name="causal_mask_off_by_one",
+          description="attention: mask j > i + 1 instead of j > i: each position sees the next token",
+          origin="a causal mask built with torch.triu(..., diagonal=2) where diagonal=1 is needed",
+          expected="h.0.attn.probs", stage="forward", checks=FWD_CHECKS, patch=_attn(mask_offset=1)),
+    Fault(name="heads_split_with_reshape",
+          description="attention: q.reshape(B, H, T, D) where q.reshape(B, T, H, D).transpose(1, 2) is needed",
+          origin="splitting heads with one view(B, H, T, D) where nanoGPT writes view(B, T, H, D).transpose(1, 2)",
+          expected="h.0.attn.q", stage="forward", checks=FWD_CHECKS, patch=_attn(split="reshape")),
+    Fault(name="softmax_backward_missing_row_term",
+          description="attention softmax backward: datt = p * dp, the - sum_k p_k dp_k term left out",
+          origin=f"{CONSTRUCTED}: half of the softmax Jacobian",
+          expected="grad.h.2.attn.att", stage="backward", checks=FWD_CHECKS, patch=_attn(softmax_row_term=False)),
+    Fault(name="softmax_no_max_subtraction",
+          description="loss: softmax without subtracting the row max: exp(z) overflows on large logits (this "
+                      "case: temperature 1e-4, so z = logits / 1e-4 reaches ~1e3 and exp(z) = inf)",
+          origin=f"{CONSTRUCTED}: the textbook softmax exp(z) / sum exp(z), without the stability shift",
+          expected="loss", stage="forward", checks=FWD_CHECKS, patch=_loss(subtract_max=False),
+          config=dict(temperature=1e-4)),
+    Fault(name="pad_counted_in_mean",
+          description="loss: the mean over ALL positions, PAD targets included",
+          origin="F.cross_entropy called without ignore_index=pad_id: its default ignores only the label -100",
+          expected="loss", stage="forward", checks=FWD_CHECKS, patch=_loss(count_pad=True)),
+    Fault(name="gelu_erf_tanh_swapped",
+          description="activation 'gelu' (exact, erf) computed with the tanh approximation",
+          origin="GPT-2 uses the tanh approximation (Hugging Face's 'gelu_new'), torch's F.gelu defaults to "
+                 "the exact erf: a port that takes one for the other",
+          expected="h.0.mlp.act", stage="forward", checks=FWD_CHECKS, patch=_layer_patch(_gelu_swap)),
+    Fault(name="ffn_b2_grad_one_row",
+          description="FFN output bias: B2 (the blog's name for it) declared [1, d_ff] instead of [1, d_model]; "
+                      "the fix-up copied one row of dout into dB2 instead of summing over positions",
+          origin=f"{CONSTRUCTED}: a bias gradient reduced over one position instead of all of them",
+          expected="grad.transformer.h.2.mlp.c_proj.bias", stage="backward", checks=FWD_CHECKS,
+          patch=_layer_patch(lambda: {manual.layers.mlp_backward: mlp_backward_b2_one_row()})),
+    Fault(name="tied_embedding_one_contribution",
+          description="tied embedding: the lookup's gradient is never added to wte, which keeps only the "
+                      "output projection's contribution",
+          origin=f"{CONSTRUCTED}: one of the two uses of the blog's tied token_embeddings_ forgotten",
+          expected="grad.transformer.wte.weight", stage="backward", checks=FWD_CHECKS,
+          patch=_embed(lookup_grad=False)),
+    Fault(name="wte_grad_transposed",
+          description="output projection: dW = x^T dy ([C, V]) stored into the [V, C] token-embedding gradient "
+                      "with a reshape instead of a transpose",
+          origin=f"{BLOG}: the transposed embedding gradient",
+          expected="grad.transformer.wte.weight", stage="backward", checks=FWD_CHECKS,
+          patch=_layer_patch(lambda: {manual.layers.unembed_backward: unembed_backward_transposed()})),
+    Fault(name="wpe_grad_shifted",
+          description="position embedding: dwpe[t + 1] += dx[:, t], the gradient of position t lands on row t + 1",
+          origin=f"{CONSTRUCTED}: an off-by-one in position indexing",
+          expected="grad.transformer.wpe.weight", stage="backward", checks=FWD_CHECKS,
+          patch=_embed(wpe_shift=1)),
+    Fault(name="adamw_no_bias_correction",
+          description="AdamW: p -= lr m / (sqrt(v) + eps), without dividing m by 1 - beta1^t and v by 1 - beta2^t",
+          origin=f"{CONSTRUCTED}: Adam written from its update rule without the bias corrections",
+          expected="adamw.param.transformer.wte.weight", stage="optimizer", checks=OPT_CHECKS,
+          patch=_sides(manual_optim=_optim_namespace(AdamW=AdamWNoBiasCorrection)), opt_steps=1),
+    Fault(name="weight_decay_on_biases_and_norms",
+          description="AdamW: every parameter but the embeddings in the decay group, biases and layer norms "
+                      "included",
+          origin="torch.optim.AdamW(model.parameters(), weight_decay=...) decays every tensor; nanoGPT's "
+                 "configure_optimizers decays only tensors with dim >= 2",
+          expected="adamw.param.transformer.h.0.ln_1.weight", stage="optimizer", checks=OPT_CHECKS,
+          patch=_sides(manual_optim=_optim_namespace(AdamW=AdamWDecayEverything)), opt_steps=1),
+    Fault(name="clip_per_tensor",
+          description="gradient clipping: each tensor scaled to norm <= 1 on its own instead of all of them by "
+                      "the global norm",
+          origin="clip_grad_norm_ called once per parameter in a loop, where torch.nn.utils.clip_grad_norm_ "
+                 "takes them all and clips by their global norm",
+          expected="adamw.clipped_grad.transformer.wte.weight", stage="optimizer", checks=OPT_CHECKS,
+          patch=_sides(manual_optim=_optim_namespace(clip_grad_norm_=clip_grad_norm_per_tensor)), opt_steps=1),
 ]
 
 BY_NAME = {f.name: f for f in FAULTS}

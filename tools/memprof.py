@@ -1,8 +1,8 @@
 """Memory profiler: where every byte of a training step goes, in both implementations.
 
-    python tools/memprof.py --preset tiny --impl both --json mem.json --plot docs/img/memprof_tiny.png
+    python tools/memprof.py --preset tiny --impl both --json out/mem.json --plot out/memprof_tiny.png
     python tools/memprof.py --preset medium --batch-size 8 --seq-len 128 --optimizer sgd
-    python tools/memprof.py --preset tiny --sweep seq_len --plot sweep.png   # activation bytes against T
+    python tools/memprof.py --preset tiny --sweep seq_len --plot out/sweep.png   # activation bytes against T
     python tools/memprof.py --preset gpt2-small --dry-run                    # sizes it, allocates nothing
 
 What it prints (and writes to --json):
@@ -17,10 +17,12 @@ What it prints (and writes to --json):
 2. What each layer keeps for backward, tensor by tensor, manual (its caches) beside reference
    (what autograd saved, grouped by the module that saved it).
 3. Churn: the NumPy allocations of one steady-state training step (counted one by one by a
-   NumPy memory handler, NEP 49), their bytes and the top allocation sites (file:line); for the
+   NumPy memory handler, NEP 49), their bytes and the top allocation sites (file: function); for the
    reference the torch storages created in the step.
 4. The conformance figures (the same functions the conformance memory checks call), and an RSS
-   timeline (memory-profiler) of both implementations on one chart, phases marked (--plot).
+   timeline (memory-profiler) of each implementation over its training steps, phases shaded (--plot).
+
+What every figure means: docs/memory.md.
 
 `--sweep seq_len|batch` measures activation bytes over a range of T or B for manual, reference
 and both with attention='flash', fits bytes = a + b x + c x^2 and says whether the growth is
@@ -84,7 +86,7 @@ def _warm_up(impl: str, cfg, optimizer: str) -> None:
         model = (manual.Model if impl == "manual" else reference.Model)(small, seed=0)
         opt = cmem.memory_optimizer(impl, model, optimizer)
         if impl == "reference":
-            cmem.saved_tensors(model, lambda: (model.forward(ids, targets), model._loss)[1])
+            cmem.saved_tensors(model, lambda: (model.forward(ids, targets), model.loss_tensor)[1])
         else:
             model.forward(ids, targets)
         model.backward()
@@ -166,7 +168,7 @@ def phases_reference(cfg, ids, targets, optimizer: str) -> dict:
         live["other"] = init_tracker.live_bytes() - live["parameters"] - live["gradients"] + numpy_now
         out["init"] = _row("init", live, sum(live.values()), init_tracker.peak + numpy_peak, predicted)
 
-        state = [p for p in model._params.values()] + [p.grad for p in model._params.values()]
+        state = [p for p in model.torch_params.values()] + [p.grad for p in model.torch_params.values()]
         saved: list[dict] = []
         tracker = cmem.TorchTensorTracker(exclude=state)
         start = {"total": out["init"]["total"], "torch": 0, "numpy": numpy_now}
@@ -188,7 +190,7 @@ def phases_reference(cfg, ids, targets, optimizer: str) -> dict:
 
         tracemalloc.reset_peak()
         with tracker:
-            saved += cmem.saved_tensors(model, lambda: (model.forward(ids, targets), model._loss)[1])
+            saved += cmem.saved_tensors(model, lambda: (model.forward(ids, targets), model.loss_tensor)[1])
             measure("forward")
             model.backward()
             measure("backward")
@@ -203,13 +205,14 @@ def phases_reference(cfg, ids, targets, optimizer: str) -> dict:
 # -- churn: every NumPy allocation of one steady-state step ------------------------------------
 
 class NumpyAllocationCounter:
-    """Counts every NumPy data allocation inside a `with` block, by the project line that made it.
+    """Counts every NumPy data allocation inside a `with` block, by the project function that made it.
 
     NumPy (>= 1.22, NEP 49) lets a program install its own memory handler: a table of malloc /
     calloc / realloc / free functions that every new array's data goes through. This one forwards
     to the C library and, for each allocation, records its size and the innermost stack frame in
-    this repository (file:line). tracemalloc cannot count these: it only keeps what is still
-    alive, and a step frees almost all it allocates. The handler is reached through NumPy's C API
+    this repository, as "file: function" (a name outlives edits; a line number does not).
+    tracemalloc cannot count these: it only keeps what is still alive, and a step frees almost
+    all it allocates. The handler is reached through NumPy's C API
     table (PyDataMem_SetHandler, slot 304 in numpy/_core/include/numpy/__multiarray_api.h).
     Arrays allocated inside the block are freed through this handler later, wherever that
     happens, so its callbacks are kept alive for the life of the process (_KEEP).
@@ -221,7 +224,7 @@ class NumpyAllocationCounter:
     def __init__(self):
         self.count = 0
         self.bytes = 0
-        self.sites: dict[str, list[int]] = {}   # "file:line" -> [count, bytes]
+        self.sites: dict[str, list[int]] = {}   # "file: function" -> [count, bytes]
         self._previous = None
 
     def _record(self, size: int) -> None:
@@ -232,7 +235,7 @@ class NumpyAllocationCounter:
                                          and "site-packages" not in frame.f_code.co_filename):
             frame = frame.f_back
         site = "(outside the project)" if frame is None else \
-            f"{Path(frame.f_code.co_filename).relative_to(ROOT)}:{frame.f_lineno}"
+            f"{Path(frame.f_code.co_filename).relative_to(ROOT)}: {frame.f_code.co_qualname}"
         entry = self.sites.setdefault(site, [0, 0])
         entry[0] += 1
         entry[1] += size
@@ -299,7 +302,7 @@ def churn(cfg, ids, targets, optimizer: str, impls, steps_before: int = 2) -> di
     """Allocations of one steady-state training step (zero_grad, forward, backward, optimizer step),
     after `steps_before` steps so that the optimizer state and every lazy buffer already exist.
 
-    manual: every NumPy allocation (NumpyAllocationCounter), its bytes, the top sites (file:line),
+    manual: every NumPy allocation (NumpyAllocationCounter), its bytes, the top sites (file: function),
     and the step's tracemalloc peak above its start. reference: the torch storages operators create
     in the step (TorchTensorTracker) and their bytes.
     """
@@ -332,7 +335,7 @@ def churn(cfg, ids, targets, optimizer: str, impls, steps_before: int = 2) -> di
             out[impl] = {"allocations": counter.count, "bytes": counter.bytes, "peak_above_start": peak - base,
                          "top_sites": counter.top(10)}
         else:
-            existing = [p for p in model._params.values()] + [p.grad for p in model._params.values()] + \
+            existing = [p for p in model.torch_params.values()] + [p.grad for p in model.torch_params.values()] + \
                 [v for st in opt.state.values() for v in st.values() if hasattr(v, "untyped_storage")]
             with cmem.TorchTensorTracker(exclude=existing) as tracker:
                 step()
@@ -642,81 +645,138 @@ def print_sweep(s) -> None:
 # -- plots (matplotlib, Agg) ----------------------------------------------------------------------------
 
 COLORS = {"manual": "tab:blue", "reference": "tab:orange"}
+PHASE_COLORS = {"forward": "#d9ead3", "backward": "#f4cccc", "optimizer_step": "#d9d2e9"}
+HATCHES = {"parameters": "", "gradients": "//", "optimizer_state": "xx", "activations": "..", "other": "--"}
 
 
-def plot_profile(result, path) -> None:
-    """Top: RSS over time of both implementations, phases marked. Bottom: the exact bytes by
-    category after each phase, manual and reference side by side."""
+def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "legend.fontsize": 9})
+    return plt
 
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(11, 8.5), gridspec_kw={"height_ratios": [1.1, 1]})
-    for impl, tl in result.get("timeline", {}).items():
-        rss = np.asarray(tl["rss_mib"])
-        ax1.plot(tl["t_s"], rss - rss[0], color=COLORS[impl], lw=1.4,
-                 label=f"{impl} (fresh process, RSS {rss[0]:.0f} MiB before the build)")
-        seen = set()
-        for name, t in tl["marks"]:
-            ax1.axvline(t, color=COLORS[impl], ls=":", lw=0.8, alpha=0.7)
-            if name not in seen:                       # label the first occurrence of each phase
-                seen.add(name)
-                ax1.text(t, 1.0, name, transform=ax1.get_xaxis_transform(), rotation=90, fontsize=7,
-                         va="top", ha="right", color=COLORS[impl])
-    ax1.set_xlabel("seconds since the model build started (each implementation on its own clock)")
-    ax1.set_ylabel("RSS above the run's start (MiB)")
-    ax1.set_title(f"memory over time: build + 3 training steps, {result['config']['vocab_size']}-vocab model, "
-                  f"B={result['batch_size']} T={result['seq_len']} (memory-profiler)", fontsize=10)
-    ax1.legend(loc="lower right", fontsize=8)
 
-    impls, width = result["impls"], 0.8 / len(result["impls"])
-    x = np.arange(len(PHASES))
-    hatches = {"parameters": "", "gradients": "//", "optimizer_state": "xx", "activations": "..", "other": "--"}
-    for k, impl in enumerate(impls):
-        bottom = np.zeros(len(PHASES))
-        for cat in CATEGORIES:
-            vals = np.array([result["phases"][impl][p]["live"][cat] for p in PHASES]) / 2**20
-            ax2.bar(x + (k - (len(impls) - 1) / 2) * width, vals, width * 0.95, bottom=bottom, color=COLORS[impl],
-                    alpha=0.35 + 0.13 * CATEGORIES.index(cat), hatch=hatches[cat], edgecolor="black", lw=0.4,
-                    label=f"{impl}: {cat}")
-            bottom += vals
-        peaks = np.array([result["phases"][impl][p]["peak"] for p in PHASES]) / 2**20
-        ax2.scatter(x + (k - (len(impls) - 1) / 2) * width, peaks, marker="_", s=400, color="black",
-                    label="peak within phase" if k == 0 else None)
-    ax2.set_xticks(x, PHASES)
-    ax2.set_ylabel("MiB (exact: tracemalloc / torch tensors)")
-    ax2.set_title("live bytes by category after each phase (left bar manual, right bar reference)", fontsize=10)
-    ax2.legend(fontsize=6, ncol=3, loc="upper left")
+def _save(fig, path) -> None:
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
+    fig.clf()
+
+
+def _plot_timeline(ax, impl: str, tl: dict) -> None:
+    """RSS of one implementation from the start of its first training step (t = 0), phases shaded.
+
+    The model build (phase `init`, before t = 0) is left out of the axis and stated in the title:
+    the reference's includes torch's lazy start-up (about a second), which would otherwise fill it."""
+    t = np.asarray(tl["t_s"]) * 1e3
+    rss = np.asarray(tl["rss_mib"])
+    marks = [(name, ms * 1e3) for name, ms in tl["marks"]]
+    t_build, t_end = marks[1][1], marks[-1][1]              # marks: init, forward, ..., end
+    base = np.interp(t_build, t, rss)
+    keep = t > t_build                                      # and the RSS at t = 0, interpolated
+    for (name, a), (_, b) in zip(marks[1:], marks[2:]):
+        ax.axvspan(a - t_build, b - t_build, color=PHASE_COLORS[name], lw=0)
+    steps = [ms for name, ms in marks if name == "forward"] + [t_end]
+    for k, (a, b) in enumerate(zip(steps, steps[1:]), start=1):
+        ax.text((a + b) / 2 - t_build, 0.98, f"step {k}", transform=ax.get_xaxis_transform(), ha="center",
+                va="top", fontsize=9)
+        ax.axvline(a - t_build, color="gray", lw=0.6)
+    ax.plot(np.r_[0.0, t[keep] - t_build], np.r_[0.0, rss[keep] - base], color=COLORS[impl], lw=1.8,
+            marker=".", ms=5)
+    ax.set_xlim(-0.02 * (t_end - t_build), (t_end - t_build) * 1.02)
+    ax.set_xlabel("ms since the first training step started")
+    ax.set_title(f"{impl}: RSS over {len(steps) - 1} training steps\nmodel build before t = 0 (not drawn): "
+                 f"{t_build - marks[0][1]:.0f} ms, +{base - rss[0]:.0f} MiB")
+
+
+def plot_profile(result, path) -> None:
+    """Top: RSS over the training steps of each implementation (memory-profiler, its own fresh
+    process and clock), phases shaded. Bottom: the exact bytes by category after each phase of
+    the first step, manual and reference side by side, and the peak within each phase."""
+    from matplotlib.patches import Patch
+
+    plt = _pyplot()
+    timelines = result.get("timeline", {})
+    fig = plt.figure(figsize=(10, 8.5))
+    grid = fig.add_gridspec(2, max(1, len(timelines)), height_ratios=[1, 1.15])
+    first = None
+    for k, (impl, tl) in enumerate(timelines.items()):
+        ax = fig.add_subplot(grid[0, k], sharey=first)
+        first = first or ax
+        _plot_timeline(ax, impl, tl)
+        if k == 0:
+            ax.set_ylabel("RSS above the first step's start (MiB)")
+
+    ax2 = fig.add_subplot(grid[1, :])
+    impls, width = result["impls"], 0.8 / len(result["impls"])
+    x = np.arange(len(PHASES))
+    for k, impl in enumerate(impls):
+        bottom = np.zeros(len(PHASES))
+        offset = x + (k - (len(impls) - 1) / 2) * width
+        for cat in CATEGORIES:
+            vals = np.array([result["phases"][impl][p]["live"][cat] for p in PHASES]) / 2**20
+            ax2.bar(offset, vals, width * 0.95, bottom=bottom, color=COLORS[impl],
+                    alpha=0.35 + 0.13 * CATEGORIES.index(cat), hatch=HATCHES[cat], edgecolor="black", lw=0.4)
+            bottom += vals
+        peaks = np.array([result["phases"][impl][p]["peak"] for p in PHASES]) / 2**20
+        ax2.scatter(offset, peaks, marker="_", s=600, color="black", lw=2)
+    handles = [Patch(color=COLORS[i], label=i) for i in impls]
+    handles.append(plt.Line2D([], [], color="black", marker="_", ms=14, mew=2, ls="", label="peak within phase"))
+    handles += [Patch(facecolor="white", edgecolor="black", hatch=HATCHES[c], label=c) for c in CATEGORIES]
+    if timelines:
+        handles += [Patch(color=c, label=f"top: {n}") for n, c in PHASE_COLORS.items()]
+    ax2.legend(handles=handles, ncol=3, loc="upper left")
+    ax2.set_xticks(x, [f"after {p}" for p in PHASES])
+    ax2.set_ylabel("MiB (exact: tracemalloc / torch storages)")
+    ax2.set_title(f"live bytes by category after each phase of the first step "
+                  f"(B={result['batch_size']}, T={result['seq_len']}, {result['dtype']}, {result['optimizer']})")
+    fig.suptitle(f"memory of a training step, {result['config']['d_model']}-wide {result['config']['n_layers']}"
+                 f"-layer model: manual (NumPy) vs reference (PyTorch)", fontsize=12)
+    _save(fig, path)
     plt.close(fig)
 
 
 def plot_sweep(s, path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    var = "T (seq_len)" if s["sweep"] == "seq_len" else "B (batch)"
-    fig, ax = plt.subplots(figsize=(8, 5))
+    """Left: activation bytes against T (or B), measured points and the fitted a + b x + c x^2;
+    manual and reference overlap (they differ by a few KiB), so they get different markers.
+    Right: the same bytes per token, where the T^2 term of standard attention is a rising line and
+    flash attention a flat one."""
+    plt = _pyplot()
+    var = "T" if s["sweep"] == "seq_len" else "B"
+    label = "sequence length T (tokens)" if var == "T" else "batch size B (sequences)"
+    other = s["fixed"]
     xs = np.asarray(s["values"], dtype=float)
+    tokens = xs * (other["batch_size"] if var == "T" else other["seq_len"])
     fine = np.linspace(xs.min(), xs.max(), 100)
-    styles = {"manual (standard)": ("tab:blue", "-"), "reference (standard)": ("tab:orange", "-"),
-              "manual (flash)": ("tab:blue", "--"), "reference (flash)": ("tab:orange", "--")}
+    fine_tokens = fine * (tokens[0] / xs[0])
+    styles = {"manual": dict(marker="o", ms=9, mfc="none", mew=1.8, ls="-", lw=3, alpha=0.55),
+              "reference": dict(marker="x", ms=7, mew=1.8, ls="--", lw=1.5, alpha=1.0)}
+    colors = {"standard": "tab:red", "flash": "tab:green"}
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.6))
     for name, ser in s["series"].items():
-        color, ls = styles.get(name, ("gray", "-"))
+        impl, attention = name.split(" (")[0], name.split("(")[1].rstrip(")")
         f = ser["fit"]
-        ax.plot(xs, np.asarray(ser["bytes"]) / 2**20, "o", color=color)
-        ax.plot(fine, (f["a"] + f["b"] * fine + f["c"] * fine ** 2) / 2**20, ls=ls, color=color,
-                label=f"{name}: {f['growth']}")
-    ax.set_xlabel(var)
-    ax.set_ylabel("activation bytes kept for backward (MiB)")
-    ax.set_title(f"activation memory against {var}; fit a + b x + c x^2", fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+        ys = np.asarray(ser["bytes"], dtype=float)
+        fit = f["a"] + f["b"] * fine + f["c"] * fine ** 2
+        st = dict(styles[impl])
+        line = {k: st.pop(k) for k in ("ls", "lw", "alpha")}
+        for ax, y, fy in ((ax1, ys / 2**20, fit / 2**20), (ax2, ys / tokens / 2**10, fit / fine_tokens / 2**10)):
+            ax.plot(xs, y, ls="", color=colors[attention], **st)
+            ax.plot(fine, fy, color=colors[attention], **line)
+        ax1.plot([], [], color=colors[attention], label=f"{name}: {f['growth']}", **line, **st)
+    ax1.set_xlabel(label)
+    ax1.set_ylabel("activation bytes kept for backward (MiB)")
+    ax1.set_title(f"total: measured (marks) and fit a + b{var} + c{var}\u00b2 (lines)")
+    ax1.legend(loc="upper left")
+    ax2.set_xlabel(label)
+    ax2.set_ylabel("KiB per token (bytes / (B\u00b7T))")
+    ax2.set_title("per token: the T\u00b2 term is the rising line" if var == "T" else
+                  "per token: flat = linear in B")
+    fixed = ", ".join(f"{k} = {v}" for k, v in other.items())
+    fig.suptitle(f"activation memory against {var} ({fixed}): standard attention keeps (B, H, T, T) "
+                 f"probabilities, flash only (B, H, T)", fontsize=11)
+    _save(fig, path)
     plt.close(fig)
 
 

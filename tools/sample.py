@@ -3,6 +3,7 @@
     python tools/sample.py runs/latest --prompt "The " --max-new-tokens 200
     python tools/sample.py runs/latest/checkpoint.safetensors --prompt "def " --temperature 0     # greedy
     python tools/sample.py runs/latest --prompt "The " --temperature 0.8 --top-k 10 --seed 3 --impl reference
+    python tools/sample.py --from-hf gpt2/ --prompt "Hello" --temperature 0      # a Hugging Face GPT-2 folder
 
 The tokenizer is the one saved in the checkpoint. Characters (or words) of the prompt that it
 does not know become UNK (<unk>), and a note on stderr says which. Sampling (manual/sampling.py;
@@ -39,8 +40,10 @@ def _temperature(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python tools/sample.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", metavar="CHECKPOINT",
+    p.add_argument("checkpoint", metavar="CHECKPOINT", nargs="?",
                    help=f"a checkpoint file, or a folder holding {CHECKPOINT_NAME} (tools/train.py --out)")
+    p.add_argument("--from-hf", metavar="DIR", help="instead of CHECKPOINT: a Hugging Face GPT-2 folder "
+                   "(model.safetensors, config.json, vocab.json, merges.txt), e.g. real GPT-2 weights")
     p.add_argument("--prompt", default="The ", help="text to continue (default 'The ')")
     p.add_argument("--max-new-tokens", type=int_at_least(0), default=200, help="default 200")
     p.add_argument("--temperature", type=_temperature, default=1.0, help="0 = greedy (default 1.0)")
@@ -62,15 +65,25 @@ def main(argv=None) -> int:
     from manual.checkpoint import CheckpointError, load_model
     from manual.tokenizer import UNK, tokenizer_from_json
 
-    path = checkpoint_in(args.checkpoint)
-    try:
-        cfg, params, _extras, meta = load_model(path)
-    except CheckpointError as exc:
-        parser.error(f"argument CHECKPOINT: {exc}")
-    if "tokenizer" not in meta:
-        parser.error(f"argument CHECKPOINT: {path} holds no tokenizer (metadata 'tokenizer'); "
-                     f"use a checkpoint written by tools/train.py")
-    tok = tokenizer_from_json(meta["tokenizer"])
+    if (args.checkpoint is None) == (args.from_hf is None):
+        parser.error("give either CHECKPOINT or --from-hf DIR (exactly one)")
+    if args.from_hf is not None:      # weights + GPT-2 tokenizer files of a Hugging Face folder
+        from manual.formats import FormatError
+        from tools.convert import BadInput, load_hf_folder
+        try:
+            cfg, params, tok = load_hf_folder(args.from_hf)
+        except (BadInput, FormatError) as exc:
+            parser.error(f"argument --from-hf: {exc}")
+    else:
+        path = checkpoint_in(args.checkpoint)
+        try:
+            cfg, params, _extras, meta = load_model(path)
+        except CheckpointError as exc:
+            parser.error(f"argument CHECKPOINT: {exc}")
+        if "tokenizer" not in meta:
+            parser.error(f"argument CHECKPOINT: {path} holds no tokenizer (metadata 'tokenizer'); "
+                         f"use a checkpoint written by tools/train.py")
+        tok = tokenizer_from_json(meta["tokenizer"])
     if tok.vocab_size != cfg.vocab_size:
         parser.error(f"argument CHECKPOINT: the tokenizer has {tok.vocab_size} tokens but the model's "
                      f"vocab_size is {cfg.vocab_size}")

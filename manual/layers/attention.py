@@ -11,25 +11,42 @@ Forward, numbered (backward uses the same numbers):
     6. ctx  = y -> (B, T, H, D) -> (B, T, C)                  (B, T, C)     [tap ctx]
     7. out  = ctx Wo + bo                                     (B, T, C)     c_proj
 
-Cache ('standard'): a (B*T*C, for dWqkv), qkv (3*B*T*C: q, k, v are views of it), probs
-(B*H*T*T), ctx (B*T*C, for dWo). att is a tap but not cached: backward needs only probs, and
-the masked copy of att becomes probs in place.
-
-'flash' computes the same function without ever holding a (T, T) matrix per head: step 3-5 run
-over blocks of keys with an online softmax (running max m and running sum l per query row),
-and only the row log-sum-exp lse = m + log l (B*H*T numbers) is kept instead of probs
-(B*H*T*T). Backward recomputes each block of probs from q, k and lse (exp(att - lse)).
+Cache (AttentionCache): a (B*T*C, in c_attn, for dWqkv), qkv (3*B*T*C; backward splits it into
+q, k, v views again), ctx (B*T*C, in c_proj, for dWo) and the softmax statistics of step 4:
+    'standard'  probs (B*H*T*T); lse is None. att is a tap but not cached: backward needs only
+                probs, and the masked copy of att becomes probs in place.
+    'flash'     lse (B*H*T); probs is None. Flash computes the same function without ever holding
+                a (T, T) matrix per head: steps 3-5 run over blocks of keys with an online softmax
+                (running max m and running sum l per query row), and only the row log-sum-exp
+                lse = m + log l is kept. Backward recomputes each block of probs from q, k and lse
+                (exp(att - lse)).
 """
 from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import numpy as np
 
-from .linear import linear_backward, linear_forward
+from .linear import LinearCache, linear_backward, linear_forward
 
 FLASH_BLOCK = 64  # keys per block in flash attention
+
+
+class AttentionCache(NamedTuple):
+    c_attn: LinearCache        # 1. x = a (B, T, C), W = Wqkv
+    qkv: np.ndarray            # 2. (B, T, 3C) q | k | v
+    n_heads: int               # 2. H
+    probs: np.ndarray | None   # 4. standard: (B, H, T, T) softmax; None for flash
+    lse: np.ndarray | None     # 4. flash: (B, H, T) row log-sum-exp of the masked att; None for standard
+    block: int                 # flash: keys per block
+    c_proj: LinearCache        # 7. x = ctx (B, T, C), W = Wo
+
+    @property
+    def ctx(self) -> np.ndarray:
+        """(B, T, C) the merged heads of step 6 (flash backward reads y from it)."""
+        return self.c_proj.x
 
 
 @functools.lru_cache(maxsize=64)
@@ -59,6 +76,7 @@ def attention_forward(a, W_attn, b_attn, W_proj, b_proj, n_heads, flash=False, b
     # 2. split into heads
     q, k, v = _split_heads(qkv, H)                             # (B, H, T, D) x 3
     taps = {"q": q, "k": k, "v": v}
+    probs = lse = None
     if not flash:
         # 3. att = q k^T / sqrt(D)
         att = q @ k.transpose(0, 1, 3, 2)                      # (B, H, T, T)
@@ -71,16 +89,14 @@ def attention_forward(a, W_attn, b_attn, W_proj, b_proj, n_heads, flash=False, b
         # 5. y = probs v
         y = probs @ v                                          # (B, H, T, D)
         taps["att"], taps["probs"] = att, probs
-        stats = probs
     else:
         y, lse = _flash_forward(q, k, v, scale, block)         # (B, H, T, D), (B, H, T)
-        stats = lse
     # 6. merge heads
     ctx = y.transpose(0, 2, 1, 3).reshape(B, T, C)             # (B, T, C) a contiguous copy
     # 7. out = ctx Wo + bo
     out, c_proj = linear_forward(ctx, W_proj, b_proj)          # (B, T, C)
     taps["ctx"], taps["out"] = ctx, out
-    return taps, (c_attn, q, k, v, stats, c_proj, scale, flash, block)
+    return taps, AttentionCache(c_attn, qkv, H, probs, lse, block, c_proj)
 
 
 def attention_backward(dout, cache, dW_attn, db_attn, dW_proj, db_proj, record=None):
@@ -89,14 +105,15 @@ def attention_backward(dout, cache, dW_attn, db_attn, dW_proj, db_proj, record=N
     If `record` is a dict, the intermediate gradients are stored in it under the tap names
     (out, ctx, probs, att, q, k, v).
     """
-    c_attn, q, k, v, stats, c_proj, scale, flash, block = cache
+    q, k, v = _split_heads(cache.qkv, cache.n_heads)           # (B, H, T, D) x 3: step 2's views again
     B, H, T, D = q.shape
+    scale = 1.0 / math.sqrt(D)                                 # step 3's scale
     # 7. out = ctx Wo + bo
-    dctx = linear_backward(dout, c_proj, dW_proj, db_proj)     # (B, T, C)
+    dctx = linear_backward(dout, cache.c_proj, dW_proj, db_proj)  # (B, T, C)
     # 6. ctx = y -> (B, T, H, D) -> (B, T, C)
     dy = dctx.reshape(B, T, H, D).transpose(0, 2, 1, 3)        # (B, H, T, D) view
-    if not flash:
-        probs = stats
+    if cache.probs is not None:                                # standard: step 4 kept probs
+        probs = cache.probs
         # 5. y = probs v
         dprobs = dy @ v.transpose(0, 1, 3, 2)                  # (B, H, T, T) (masked entries included)
         dv = probs.transpose(0, 1, 3, 2) @ dy                  # (B, H, T, D)
@@ -110,16 +127,16 @@ def attention_backward(dout, cache, dW_attn, db_attn, dW_proj, db_proj, record=N
         dk *= scale
         if record is not None:
             record["probs"], record["att"] = dprobs, datt
-    else:
-        y = c_proj[0].reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D) view of the cached ctx
-        dq, dk, dv = _flash_backward(dy, q, k, v, y, stats, scale, block)
+    else:                                                      # flash: step 4 kept lse
+        y = cache.ctx.reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D) view of the cached ctx
+        dq, dk, dv = _flash_backward(dy, q, k, v, y, cache.lse, scale, cache.block)
     # 2. q, k, v = split(qkv): the three gradients are written side by side
     dqkv = np.empty((B, T, 3, H, D), dtype=dy.dtype)           # (B, T, 3, H, D) = (B, T, 3C)
     dqkv[:, :, 0] = dq.transpose(0, 2, 1, 3)
     dqkv[:, :, 1] = dk.transpose(0, 2, 1, 3)
     dqkv[:, :, 2] = dv.transpose(0, 2, 1, 3)
     # 1. qkv = a Wqkv + bqkv
-    da = linear_backward(dqkv.reshape(B, T, 3 * H * D), c_attn, dW_attn, db_attn)  # (B, T, C)
+    da = linear_backward(dqkv.reshape(B, T, 3 * H * D), cache.c_attn, dW_attn, db_attn)  # (B, T, C)
     if record is not None:
         record["out"], record["ctx"] = dout, dctx
         record["q"], record["k"], record["v"] = dq, dk, dv

@@ -15,9 +15,21 @@ absent when cfg.bias is False. Taps are returned keyed without the "h.{i}." pref
 """
 from __future__ import annotations
 
-from .attention import FLASH_BLOCK, attention_backward, attention_forward
-from .layernorm import layernorm_backward, layernorm_forward
-from .mlp import mlp_backward, mlp_forward
+from typing import NamedTuple
+
+from .attention import FLASH_BLOCK, AttentionCache, attention_backward, attention_forward
+from .layernorm import LayerNormCache, layernorm_backward, layernorm_forward
+from .mlp import MLPCache, mlp_backward, mlp_forward
+
+
+class BlockCache(NamedTuple):
+    """The caches of the block's four layers, in forward order for 'pre' (for 'post' the
+    attention runs first; the fields keep the layers' names)."""
+    ln_1: LayerNormCache
+    attn: AttentionCache
+    ln_2: LayerNormCache
+    mlp: MLPCache
+    norm: str                  # 'pre' or 'post'
 
 
 def block_forward(x, p, cfg, flash_block=FLASH_BLOCK):
@@ -38,6 +50,8 @@ def block_forward(x, p, cfg, flash_block=FLASH_BLOCK):
         taps.update({"mlp.fc": fc, "mlp.act": act, "mlp.out": out})
         return out, c
 
+    # The two orders are written out in full on purpose (a twin, not a repetition): each reads as its
+    # equations in the module docstring, and block_backward reverses each one line by line.
     if cfg.norm == "pre":
         a, c_ln1 = layernorm_forward(x, p["ln_1.weight"], p.get("ln_1.bias"), cfg.ln_eps)  # (B, T, C)
         taps["ln_1.out"] = a
@@ -59,7 +73,7 @@ def block_forward(x, p, cfg, flash_block=FLASH_BLOCK):
         taps["resid_2"] = r2
         out, c_ln2 = layernorm_forward(r2, p["ln_2.weight"], p.get("ln_2.bias"), cfg.ln_eps)  # (B, T, C)
     taps["out"] = out
-    return out, taps, (c_ln1, c_attn, c_ln2, c_mlp, cfg.norm)
+    return out, taps, BlockCache(c_ln1, c_attn, c_ln2, c_mlp, cfg.norm)
 
 
 def block_backward(dout, cache, g, record=None):
@@ -67,35 +81,35 @@ def block_backward(dout, cache, g, record=None):
 
     If `record` is a dict, every tap's gradient is stored in it (keys as the taps).
     """
-    c_ln1, c_attn, c_ln2, c_mlp, norm = cache
+    c = cache
     rec_attn, rec_mlp = ({}, {}) if record is not None else (None, None)
 
     def attn_backward(d):
-        return attention_backward(d, c_attn, g["attn.c_attn.weight"], g.get("attn.c_attn.bias"),
+        return attention_backward(d, c.attn, g["attn.c_attn.weight"], g.get("attn.c_attn.bias"),
                                   g["attn.c_proj.weight"], g.get("attn.c_proj.bias"), record=rec_attn)
 
     def mlp_back(d):
-        return mlp_backward(d, c_mlp, g["mlp.c_fc.weight"], g.get("mlp.c_fc.bias"),
+        return mlp_backward(d, c.mlp, g["mlp.c_fc.weight"], g.get("mlp.c_fc.bias"),
                             g["mlp.c_proj.weight"], g.get("mlp.c_proj.bias"), record=rec_mlp)
 
-    if norm == "pre":
+    if c.norm == "pre":
         # out = r1 + mlp(m): dout flows to both r1 and mlp.out
         dm = mlp_back(dout)                                    # (B, T, C)
         # m = LN2(r1)
-        dr1 = dout + layernorm_backward(dm, c_ln2, g["ln_2.weight"], g.get("ln_2.bias"))  # (B, T, C)
+        dr1 = dout + layernorm_backward(dm, c.ln_2, g["ln_2.weight"], g.get("ln_2.bias"))  # (B, T, C)
         # r1 = x + attn(a): dr1 flows to both x and attn.out
         da = attn_backward(dr1)                                # (B, T, C)
         # a = LN1(x)
-        dx = dr1 + layernorm_backward(da, c_ln1, g["ln_1.weight"], g.get("ln_1.bias"))  # (B, T, C)
+        dx = dr1 + layernorm_backward(da, c.ln_1, g["ln_1.weight"], g.get("ln_1.bias"))  # (B, T, C)
         if record is not None:
             record.update({"out": dout, "mlp.out": dout, "ln_2.out": dm, "resid_1": dr1, "ln_1.out": da})
     else:
         # out = LN2(r2)
-        dr2 = layernorm_backward(dout, c_ln2, g["ln_2.weight"], g.get("ln_2.bias"))  # (B, T, C)
+        dr2 = layernorm_backward(dout, c.ln_2, g["ln_2.weight"], g.get("ln_2.bias"))  # (B, T, C)
         # r2 = a + mlp(a): a feeds both the residual and the MLP
         da = dr2 + mlp_back(dr2)                               # (B, T, C)
         # a = LN1(r1)
-        dr1 = layernorm_backward(da, c_ln1, g["ln_1.weight"], g.get("ln_1.bias"))  # (B, T, C)
+        dr1 = layernorm_backward(da, c.ln_1, g["ln_1.weight"], g.get("ln_1.bias"))  # (B, T, C)
         # r1 = x + attn(x): x feeds both the residual and the attention
         dx = dr1 + attn_backward(dr1)                          # (B, T, C)
         if record is not None:

@@ -9,24 +9,31 @@ its gradient is the SUM over those positions:
                                                              grouped by id and each group summed)
     dwpe[t] += sum_b dx[b, t]                               for t < T; rows >= T get nothing
 
-Cache: ids (B*T int64 = 8*B*T bytes). ids are not differentiable: backward returns nothing
-and only accumulates into dwte, dwpe.
+Cache: EmbeddingCache(ids) (B*T int64 = 8*B*T bytes). ids are not differentiable: backward
+returns nothing and only accumulates into dwte, dwpe.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 
 
+class EmbeddingCache(NamedTuple):
+    ids: np.ndarray            # (B, T) int64 token ids: the rows of wte that dx is added into
+
+
 def embedding_forward(ids, wte, wpe):
-    """ids (B, T) int64, already validated to lie in [0, V) -> x (B, T, C); cache ids."""
+    """ids (B, T) int64, already validated to lie in [0, V) -> x (B, T, C)."""
     T = ids.shape[1]
     x = wte[ids]                                               # (B, T, C) gather (a new array)
     x += wpe[:T]                                               # (T, C) broadcast over B
-    return x, ids
+    return x, EmbeddingCache(ids)
 
 
-def embedding_backward(dx, ids, dwte, dwpe):
+def embedding_backward(dx, cache, dwte, dwpe):
     """Accumulates dwte (V, C) and dwpe (S, C); returns None (ids have no gradient)."""
+    ids = cache.ids
     T, C = ids.shape[1], dx.shape[-1]
     # Repeated ids are summed, not overwritten. Same sums as np.add.at(dwte, ids, dx), faster: sort the
     # positions by id (stable: each group keeps position order), sum each group's rows with one

@@ -8,17 +8,25 @@ Backward (derivation as in llm.c's doc/layernorm): with g = dy * w (the gradient
     dx  = rstd * (g - mean_c(g) - xhat * mean_c(g * xhat))
 (the two means are the gradient flowing through `mean` and through `var`).
 
-Cache: (xhat, rstd, w) = B*T*C + B*T numbers (w is the parameter, no bytes of its own).
+Cache: LayerNormCache(xhat, rstd, w) = B*T*C + B*T numbers (w is the parameter, no bytes of its own).
 We keep xhat rather than x: backward needs xhat twice and x only through xhat, so caching
 x would force recomputing (x - mean) * rstd and keeping mean too (B*T more).
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 
+class LayerNormCache(NamedTuple):
+    xhat: np.ndarray           # (B, T, C) the normalised input (x - mean) * rstd
+    rstd: np.ndarray           # (B, T, 1) 1 / sqrt(var + eps)
+    w: np.ndarray              # (C,) the weight (the parameter itself), for dx
+
+
 def layernorm_forward(x, w, b, eps):
-    """x (B, T, C), w (C,), b (C,) or None -> y (B, T, C); cache (xhat, rstd, w)."""
+    """x (B, T, C), w (C,), b (C,) or None -> y (B, T, C)."""
     C = x.shape[-1]
     # the means are written as sum / C: the same arithmetic as np.mean, without its Python overhead
     mean = x.sum(axis=-1, keepdims=True)                       # (B, T, 1)
@@ -34,12 +42,12 @@ def layernorm_forward(x, w, b, eps):
     y = xhat * w                                               # (B, T, C)
     if b is not None:
         y += b
-    return y, (xhat, rstd, w)
+    return y, LayerNormCache(xhat, rstd, w)
 
 
 def layernorm_backward(dy, cache, dw, db=None):
     """Returns dx (B, T, C); accumulates dw, db (C,)."""
-    xhat, rstd, w = cache
+    xhat, rstd, w = cache.xhat, cache.rstd, cache.w
     dw += (dy * xhat).reshape(-1, dy.shape[-1]).sum(axis=0)   # (C,)
     if db is not None:
         db += dy.reshape(-1, dy.shape[-1]).sum(axis=0)         # (C,)

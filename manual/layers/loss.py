@@ -13,12 +13,23 @@ Backward, for an upstream scalar gradient dloss (w = dloss / n on valid position
                     (the softmax Jacobian dp_v/dz_k = p_v (delta_vk - p_k) applied to dl/dp = 2 e)
     dlogits = dz / temperature
 
-Cache: p (B*T*V, for dz) and targets (B*T int64, 8 bytes each); valid is recomputed from
-targets (B*T bools) instead of being cached.
+Cache: LossCache: p (B*T*V, for dz) and targets (B*T int64, 8 bytes each), with the scalars
+that define the loss; valid is recomputed from targets (B*T bools) instead of being cached.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
+
+
+class LossCache(NamedTuple):
+    p: np.ndarray              # (B, T, V) softmax(logits / temperature)
+    targets: np.ndarray        # (B, T) int64
+    pad_id: int
+    temperature: float
+    kind: str                  # 'cross_entropy' or 'brier'
+    n: int                     # number of non-PAD targets
 
 
 def _onehot_subtract(x, targets, w):
@@ -51,17 +62,17 @@ def loss_forward(logits, targets, pad_id, temperature, kind="cross_entropy"):
         raise ValueError(f"unknown loss {kind!r}; choose 'cross_entropy' or 'brier'")
     total = np.sum(per_pos, where=valid, dtype=dtype)          # () sum over valid positions only
     loss = total / dtype.type(n) if n else dtype.type(np.nan)
-    return (np.asarray(loss, dtype=dtype), n), (p, targets, pad_id, temperature, kind, n)
+    return (np.asarray(loss, dtype=dtype), n), LossCache(p, targets, pad_id, temperature, kind, n)
 
 
 def loss_backward(dloss, cache):
     """dloss: the upstream gradient of this head's loss (a Python float). Returns dlogits (B, T, V)."""
-    p, targets, pad_id, temperature, kind, n = cache
-    if n == 0:                                                 # a head without targets adds nothing
+    p, targets = cache.p, cache.targets
+    if cache.n == 0:                                           # a head without targets adds nothing
         return np.zeros_like(p)
     # w = dloss / n on valid positions, 0 on PAD; / temperature is the backward of z = logits / temperature
-    w = (targets != pad_id).astype(p.dtype) * (dloss / (n * temperature))  # (B, T)
-    if kind == "cross_entropy":
+    w = (targets != cache.pad_id).astype(p.dtype) * (dloss / (cache.n * cache.temperature))  # (B, T)
+    if cache.kind == "cross_entropy":
         dz = p * w[..., None]                                  # (B, T, V)
         _onehot_subtract(dz, targets, w)                       # w (p - onehot)
     else:

@@ -8,22 +8,32 @@ Backward, step by step (forward line quoted above each gradient line):
     act = f(fc)          ->  dfc  = dact * f'(fc)
     fc  = m W1 + b1      ->  dm   = dfc W1^T;   dW1 += m^T dfc;     db1 += sum dfc
 
-Cache: m (B*T*C, for dW1), act (B*T*F, for dW2), and for gelu / gelu_tanh fc (B*T*F, for f').
-relu needs no fc: relu'(fc) = [act > 0], which saves B*T*F numbers.
+Cache: MLPCache. m (B*T*C, in c_fc, for dW1), act (B*T*F, in c_proj, for dW2), and for gelu /
+gelu_tanh fc (B*T*F, in f, the activation's cache, for f'). relu needs no fc: relu'(fc) = [act > 0],
+which saves B*T*F numbers (its cache holds act, the same array as c_proj's input).
 """
 from __future__ import annotations
 
-from .activations import ACTIVATIONS
-from .linear import linear_backward, linear_forward
+from typing import NamedTuple
+
+from .activations import ACTIVATIONS, GeluCache, GeluTanhCache, ReluCache
+from .linear import LinearCache, linear_backward, linear_forward
+
+
+class MLPCache(NamedTuple):
+    c_fc: LinearCache          # x = m (B, T, C), W = W1
+    f: ReluCache | GeluCache | GeluTanhCache     # the activation's cache (x = fc, y = act)
+    c_proj: LinearCache        # x = act (B, T, F), W = W2
+    activation: str            # 'relu', 'gelu' or 'gelu_tanh'
 
 
 def mlp_forward(m, W1, b1, W2, b2, activation):
     """Returns (fc, act, out) and the cache (fc and act are the taps mlp.fc, mlp.act)."""
     f_forward, _ = ACTIVATIONS[activation]
     fc, c_fc = linear_forward(m, W1, b1)                       # (B, T, F)
-    act, c_act = f_forward(fc)                                 # (B, T, F); c_act is act (relu) or fc (gelu*)
+    act, c_act = f_forward(fc)                                 # (B, T, F)
     out, c_proj = linear_forward(act, W2, b2)                  # (B, T, C)
-    return (fc, act, out), (c_fc, c_act, c_proj, activation)
+    return (fc, act, out), MLPCache(c_fc, c_act, c_proj, activation)
 
 
 def mlp_backward(dout, cache, dW1, db1, dW2, db2, record=None):
@@ -31,14 +41,13 @@ def mlp_backward(dout, cache, dW1, db1, dW2, db2, record=None):
 
     If `record` is a dict, the intermediate gradients are stored in it as 'act' and 'fc'.
     """
-    c_fc, c_act, c_proj, activation = cache
-    _, f_backward = ACTIVATIONS[activation]
+    _, f_backward = ACTIVATIONS[cache.activation]
     # out = act W2 + b2
-    dact = linear_backward(dout, c_proj, dW2, db2)             # (B, T, F)
+    dact = linear_backward(dout, cache.c_proj, dW2, db2)       # (B, T, F)
     # act = f(fc)
-    dfc = f_backward(dact, c_act)                              # (B, T, F)
+    dfc = f_backward(dact, cache.f)                            # (B, T, F)
     # fc = m W1 + b1
-    dm = linear_backward(dfc, c_fc, dW1, db1)                  # (B, T, C)
+    dm = linear_backward(dfc, cache.c_fc, dW1, db1)            # (B, T, C)
     if record is not None:
         record["act"], record["fc"] = dact, dfc
     return dm

@@ -35,7 +35,7 @@ a tap inside attention / the MLP; for a parameter, the layer that owns it). The 
 
 Then, for that layer alone, who is wrong:
   * forward divergence: each side's output is compared with a float64 recomputation from
-    the layer's inputs by conformance/oracle.py, NumPy straight from DESIGN.md's formulas (an
+    the layer's inputs by conformance/oracle.py, NumPy straight from docs/design.md's formulas (an
     oracle that shares no code with either side);
   * backward divergence: a float64 finite-difference check of both sides' backward:
     manual: manual/layers' forward/backward functions on the captured input; reference:

@@ -30,7 +30,7 @@ safetensors (or .npz) file holding, under these keys, in dtype {dtype}:
 Leave out what your implementation does not have (it is reported as absent, not as a failure);
 an unknown key is an error (it is almost always a misspelt name). Then:
     python -m tools.layerdiff --case {dir} --against your_dump.safetensors
-The tap list and formulas: manual/registry.py (tap_specs) and DESIGN.md.
+The tap list and formulas: manual/registry.py (tap_specs) and docs/design.md.
 """
 
 
