@@ -7,7 +7,7 @@ Besides the model options, the matrix reaches every internal path of the manual 
 (issue 16; `python -m conformance --coverage` measures it, docs/mutation.md):
     flash_block_*  flash attention over several key blocks, T not a multiple of the block, a block of 1
     long_T         T spans three default flash blocks (FLASH_BLOCK) and the FFN activation holds more
-                   than one erf/GELU chunk (_ERF_CHUNK)
+                   than one erf/GELU chunk (manual/layers/special.py CHUNK)
     stress*        weights scaled so attention scores and logits reach about +-100: every max-subtraction
                    (softmax, loss, flash's running max) matters, exp would overflow without it
     optim_*        every optimizer option away from its default (conformance/trajectory.OPTIMIZERS)
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from manual.config import ModelConfig
 
-from manual.layers.activations import _ERF_CHUNK
+from manual.layers.special import CHUNK as ERF_CHUNK
 from manual.layers.attention import FLASH_BLOCK
 
 from .engine import Case
@@ -33,7 +33,7 @@ STRESS = dict(weight_scale={"attn.c_attn.weight": 60.0, "ln_f.weight": 650.0}, o
 FLOAT64_ONLY = ("stress", "stress_flash")
 # long_T: T over two default flash blocks, not a multiple of one; B*T*d_ff (tiny: d_ff 256) over one erf chunk
 LONG_T = 2 * FLASH_BLOCK + FLASH_BLOCK // 2 + 3
-assert LONG_T * 256 > _ERF_CHUNK, "long_T must hold more than one erf chunk"
+assert LONG_T * 256 > ERF_CHUNK, "long_T must hold more than one erf chunk"
 
 # label -> (ModelConfig overrides on the preset, Case overrides)
 VARIANTS: dict[str, tuple[dict, dict]] = {
