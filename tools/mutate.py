@@ -33,6 +33,7 @@ import difflib
 import json
 import os
 import random
+import select
 import shutil
 import subprocess
 import sys
@@ -189,8 +190,8 @@ def all_mutants(root: Path, files) -> list[Mutant]:
 
 # -- the child: one mutant's verdict (runs inside the copied tree) -----------------------------
 
-FAST = ("param_count", "logits", "loss", "activation", "activation_grad", "param_grad", "generation")
-STAGES = (FAST, ("optimizer",), ("memory", "training"))
+FAST = ("logits", "loss", "activation", "activation_grad", "param_grad")
+STAGES = (FAST, ("optimizer", "generation"), ("param_count", "memory", "training"))
 ORACLE_STEPS = 3
 
 
@@ -262,14 +263,10 @@ def oracle_outputs(sides_spec=None, variants=None) -> dict:
     return out
 
 
-def _child(args) -> int:
-    """Inside the copied tree: print one JSON line with the verdict."""
+def _verdict(args) -> dict:
+    """This tree's verdict (the mutant is already written into it)."""
     import numpy as np
     try:
-        if args.oracle_only:
-            np.savez(args.oracle_out, **oracle_outputs(args.sides, args.variant))
-            print(json.dumps({"verdict": "oracle"}))
-            return 0
         v = matrix_verdict(args.sides, args.variant, tuple(args.dtype))
         if v["verdict"] == "survived":
             with np.load(args.oracle_ref, allow_pickle=False) as ref:
@@ -281,7 +278,35 @@ def _child(args) -> int:
             v = {"verdict": "missed", "changed": changed[:5]} if changed else {"verdict": "equivalent"}
     except Exception as exc:
         v = {"verdict": "crashed", "by": f"{type(exc).__name__}: {str(exc)[:200]}"}
-    print(json.dumps(v))
+    return v
+
+
+def _fresh_imports(tree: Path) -> None:
+    """Forget every module loaded from the copied tree, so the next import reads the mutated file
+    (torch and NumPy stay loaded: that is the point of a long-lived child)."""
+    import importlib
+    for name, mod in list(sys.modules.items()):
+        f = getattr(mod, "__file__", None) or ""
+        if f.startswith(str(tree)) or name.split(".")[0] in ("manual", "conformance", "reference"):
+            del sys.modules[name]
+    importlib.invalidate_caches()
+
+
+def _child(args) -> int:
+    """Inside the copied tree. --oracle-only: write the unmutated outputs. Otherwise serve: for every
+    line "run" on stdin (the parent has written the mutant), print one JSON line with the verdict."""
+    import numpy as np
+    import torch  # noqa: F401  (loaded once, kept across mutants)
+    if args.oracle_only:
+        np.savez(args.oracle_out, **oracle_outputs(args.sides, args.variant))
+        print(json.dumps({"verdict": "oracle"}))
+        return 0
+    tree = Path.cwd()
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        _fresh_imports(tree)
+        print(json.dumps(_verdict(args)), flush=True)
     return 0
 
 
@@ -300,27 +325,58 @@ def _child_cmd(tree: Path, extra: list[str]):
     return [sys.executable, str(ROOT / "tools" / "mutate.py"), "--child", *extra], env
 
 
-def _passthrough(args) -> list[str]:
-    out = []
-    for v in args.variant or []:
-        out += ["--variant", v]
-    for d in args.dtype:
-        out += ["--dtype", d]
-    if args.sides:
-        out += ["--sides", args.sides]
-    return out
+@dataclass
+class Matrix:
+    """What the child runs per mutant: matrix variants (None: all), dtypes, the Sides factory, a timeout."""
+    variants: list | None = None
+    dtypes: tuple = ("float64", "float32")
+    sides: str | None = None
+    timeout: int = TIMEOUT_S
+
+    def argv(self) -> list[str]:
+        out = []
+        for v in self.variants or []:
+            out += ["--variant", v]
+        for d in self.dtypes:
+            out += ["--dtype", d]
+        return out + (["--sides", self.sides] if self.sides else [])
 
 
-def run_mutants(mutants: list[Mutant], root: Path, workers: int, args, progress=print) -> list[dict]:
+def run_mutants(mutants: list[Mutant], root: Path = ROOT, workers: int = 2, matrix: Matrix = Matrix(),
+                progress=print) -> list[dict]:
+    """Every mutant's verdict (a dict: the Mutant's fields, verdict, by / changed, seconds, diff)."""
     with tempfile.TemporaryDirectory(prefix="mutate-") as tmp:
         tmp = Path(tmp)
         oracle = tmp / "oracle.npz"
         base = _copy_tree(root, tmp / "base")
-        cmd, env = _child_cmd(base, ["--oracle-only", "--oracle-out", str(oracle), *_passthrough(args)])
+        cmd, env = _child_cmd(base, ["--oracle-only", "--oracle-out", str(oracle), *matrix.argv()])
         subprocess.run(cmd, env=env, check=True, cwd=base, capture_output=True)
         trees = [_copy_tree(root, tmp / f"w{i}") for i in range(workers)]
+        children = [None] * workers         # one long-lived child per worker, restarted after a timeout
         free = list(range(workers))
         results: list[dict] = [None] * len(mutants)
+
+        def ask(w) -> dict:
+            if children[w] is None or children[w].poll() is not None:
+                cmd, env = _child_cmd(trees[w], ["--oracle-ref", str(oracle), *matrix.argv()])
+                children[w] = subprocess.Popen(cmd, env=env, cwd=trees[w], stdin=subprocess.PIPE,
+                                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            child = children[w]
+            child.stdin.write("run\n")
+            child.stdin.flush()
+            deadline = time.monotonic() + matrix.timeout
+            while True:
+                ready, _, _ = select.select([child.stdout], [], [], max(0.0, deadline - time.monotonic()))
+                if not ready:
+                    child.kill()
+                    child.wait()
+                    return {"verdict": "crashed", "by": f"timeout after {matrix.timeout} s"}
+                line = child.stdout.readline()
+                if not line:                # the child died (a segfault, an exit in the mutated code)
+                    child.wait()
+                    return {"verdict": "crashed", "by": f"the child exited with status {child.returncode}"}
+                if line.startswith("{"):
+                    return json.loads(line)
 
         def one(i):
             w = free.pop()
@@ -329,14 +385,8 @@ def run_mutants(mutants: list[Mutant], root: Path, workers: int, args, progress=
             original = path.read_text()
             try:
                 path.write_text(m.apply(original))
-                cmd, env = _child_cmd(tree, ["--oracle-ref", str(oracle), *_passthrough(args)])
                 t0 = time.perf_counter()
-                try:
-                    p = subprocess.run(cmd, env=env, cwd=tree, capture_output=True, text=True, timeout=args.timeout)
-                    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
-                    v = json.loads(lines[-1]) if lines else {"verdict": "crashed", "by": p.stderr[-300:]}
-                except subprocess.TimeoutExpired:
-                    v = {"verdict": "crashed", "by": f"timeout after {args.timeout} s"}
+                v = ask(w)
                 v["seconds"] = round(time.perf_counter() - t0, 1)
             finally:
                 path.write_text(original)
@@ -346,7 +396,13 @@ def run_mutants(mutants: list[Mutant], root: Path, workers: int, args, progress=
                      f"{m.old!r} -> {m.new!r}: {v['verdict']}")
 
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(one, range(len(mutants))))
+            try:
+                list(pool.map(one, range(len(mutants))))
+            finally:
+                for child in children:
+                    if child is not None and child.poll() is None:
+                        child.stdin.close()
+                        child.wait(timeout=60)
     return results
 
 
@@ -406,7 +462,8 @@ def main(argv=None) -> int:
     if args.sample is not None and args.sample < len(mutants):
         mutants = sorted(random.Random(args.seed).sample(mutants, args.sample), key=lambda m: (m.file, m.start))
     print(f"{len(mutants)} mutants, {args.workers} workers", flush=True)
-    results = run_mutants(mutants, root, args.workers, args, progress=lambda s: print(s, flush=True))
+    matrix = Matrix(args.variant, tuple(args.dtype), args.sides, args.timeout)
+    results = run_mutants(mutants, root, args.workers, matrix, progress=lambda s: print(s, flush=True))
     print(summary(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
