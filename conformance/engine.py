@@ -58,7 +58,7 @@ class Case:
     seed: int = 0
     batch: int = 2
     seq_len: int | None = None       # None: max_seq_len
-    pad: bool | str = True           # PAD among the targets: True/'tail', False/'none', 'scatter', 'row' (make_batch)
+    pad: bool | str = True           # PAD among the targets: True/'tail', False/'none', or a PAD_PATTERNS name
     opt_steps: int = OPT_STEPS
     gen_tokens: int = GEN_TOKENS
     train_steps: int = 0             # > 0: also the long training-equivalence check (float64 only)
@@ -95,13 +95,14 @@ class Sides:
 
 # -- data -------------------------------------------------------------------------------
 
-PAD_PATTERNS = ("tail", "none", "scatter", "row")
+PAD_PATTERNS = ("tail", "none", "scatter", "row", "first")
 
 
 def make_batch(cfg: ModelConfig, B: int, T: int, seed: int, pad: bool | str = True):
     """Identical ids and targets for both sides. Targets avoid PAD except where placed on purpose:
     pad True/'tail': the tail of the last row; False/'none': nowhere; 'scatter': every third
-    position; 'row': the whole first row (a row that adds nothing to the loss)."""
+    position; 'row': the whole first row (a row that adds nothing to the loss); 'first': all but the
+    first position of every row (the heads for 2+ tokens ahead get no target at all)."""
     pattern = {True: "tail", False: "none"}.get(pad, pad)
     if pattern not in PAD_PATTERNS:
         raise ValueError(f"pad pattern {pad!r} is not one of {PAD_PATTERNS} (or True / False)")
@@ -117,6 +118,8 @@ def make_batch(cfg: ModelConfig, B: int, T: int, seed: int, pad: bool | str = Tr
         targets.reshape(-1)[::3] = cfg.pad_id
     elif pattern == "row":
         targets[0] = cfg.pad_id
+    elif pattern == "first":
+        targets[:, 1:] = cfg.pad_id
     return ids, targets
 
 

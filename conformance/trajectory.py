@@ -36,8 +36,10 @@ OPTIMIZERS = {
     "sgd": (dict(lr=0.1, momentum=0.9, weight_decay=0.01), None),
     # betas, eps and weight decay all away from the others; clipping by value (elements of the
     # tiny model's gradients reach ~0.05, so 0.004 clamps a good share of them)
-    "adamw_opts": (dict(lr=3e-3, weight_decay=0.3, betas=(0.8, 0.99), eps=1e-3), ("value", 0.004)),
-    # Nesterov momentum (needs dampening 0), max-norm clipping by the inf-norm, no weight decay
+    # beta1 0.4: lerp's weight 1 - beta1 >= 0.5 takes the other branch of optim._lerp_ (torch's too)
+    "adamw_opts": (dict(lr=3e-3, weight_decay=0.3, betas=(0.4, 0.99), eps=1e-3), ("value", 0.004)),
+    # Nesterov momentum (needs dampening 0), max-norm clipping by the inf-norm, no weight decay (so no
+    # groups either: the optimizer's default of one group over every parameter)
     "sgd_nesterov": (dict(lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.0), ("norm", 0.02, float("inf"))),
     # dampening; clipping by the 1-norm
     "sgd_dampening": (dict(lr=0.1, momentum=0.7, dampening=0.3, weight_decay=0.02), ("norm", 2.0, 1.0)),
@@ -68,7 +70,8 @@ def make_optimizers(manual_optim, m, r, kind: str):
     from reference import optim as ropt
 
     hp, _clip = OPTIMIZERS[kind]
-    groups = registry.decay_groups(m.cfg, hp["weight_decay"])
+    # without weight decay every decay group has 0: one default group is the same optimizer
+    groups = registry.decay_groups(m.cfg, hp["weight_decay"]) if hp["weight_decay"] else None
     family = optimizer_family(kind)
     cls = manual_optim.AdamW if family == "adamw" else manual_optim.SGD
     mo = cls(m.params, m.grads, groups=groups, **hp)

@@ -59,6 +59,7 @@ class Mutant:
     end: tuple
     old: str
     new: str
+    stmt_line: int = 0     # first line of the enclosing statement (what coverage records as executed)
 
     def apply(self, source: str) -> str:
         lines = source.splitlines(keepends=True)
@@ -159,6 +160,18 @@ def mutants_of(root: Path, file: str) -> list[Mutant]:
     tree = ast.parse(source)
     skip_lines, docs, inside = _validation_lines(tree), _docstring_nodes(tree), _in_function(tree)
     kw_of = {id(k.value): k.arg for k in ast.walk(tree) if isinstance(k, ast.keyword)}
+    stmt_of = {}
+    for st in ast.walk(tree):              # innermost statement of every node (walk is outside-in)
+        if isinstance(st, ast.stmt):
+            for n in ast.walk(st):
+                stmt_of[id(n)] = st.lineno
+    for st in ast.walk(tree):              # an if / while / for: its test lines belong to its first line
+        if isinstance(st, (ast.If, ast.While)):
+            for n in ast.walk(st.test):
+                stmt_of[id(n)] = st.lineno
+        if isinstance(st, ast.For):
+            for n in (*ast.walk(st.iter), *ast.walk(st.target)):
+                stmt_of[id(n)] = st.lineno
     out = []
     for node in ast.walk(tree):
         if id(node) not in inside or id(node) in docs or not hasattr(node, "lineno"):
@@ -171,7 +184,8 @@ def mutants_of(root: Path, file: str) -> list[Mutant]:
                 which, new = new
                 target = getattr(node, which)
             out.append(Mutant(file, target.lineno, kind, (target.lineno, target.col_offset),
-                              (target.end_lineno, target.end_col_offset), ast.get_source_segment(source, target), new))
+                              (target.end_lineno, target.end_col_offset), ast.get_source_segment(source, target), new,
+                              stmt_of.get(id(node), node.lineno)))
     # f-string internals and constants inside format specs carry no math
     return [m for m in out if m.old is not None and not _in_fstring(tree, m)]
 
@@ -209,11 +223,12 @@ def matrix_cases(variants=None, dtypes=("float64", "float32")):
     return cases("tiny", dtypes, only=variants)
 
 
-def matrix_verdict(sides_spec=None, variants=None, dtypes=("float64", "float32")) -> dict:
-    """Run the matrix stage by stage; the first failing comparison: {"verdict": "killed", "by": ...}."""
+def matrix_verdict(sides_spec=None, variants=None, dtypes=("float64", "float32"), only=None) -> dict:
+    """Run the matrix stage by stage; the first failing comparison: {"verdict": "killed", "by": ...}.
+    `only`: the names of the cases to run (those that execute the mutated line; None: every case)."""
     from conformance.engine import run_case
     sides = _load_sides(sides_spec)
-    todo = matrix_cases(variants, dtypes)
+    todo = [c for c in matrix_cases(variants, dtypes) if only is None or c.name() in only]
     for checks in STAGES:
         for case in todo:
             for c in run_case(case, checks, sides):
@@ -263,11 +278,36 @@ def oracle_outputs(sides_spec=None, variants=None) -> dict:
     return out
 
 
-def _verdict(args) -> dict:
+def line_map(files: list[str], sides_spec=None, variants=None, dtypes=("float64", "float32")) -> dict:
+    """{file: {line: [case names that execute it]}} for the files to mutate: each case of the matrix
+    run once under coverage.py. A mutant runs only the cases that execute its line (the others
+    cannot see it); a line no case executes leaves its mutants to the oracle."""
+    import coverage
+    from conformance.engine import run_case
+
+    sides = _load_sides(sides_spec)
+    paths = {str((Path.cwd() / f).resolve()): f for f in files}
+    out: dict = {f: {} for f in files}
+    for case in matrix_cases(variants, dtypes):
+        cov = coverage.Coverage(data_file=None, include=list(paths), branch=False, config_file=False)
+        cov.start()
+        try:
+            run_case(case, sides=sides)
+        finally:
+            cov.stop()
+        data = cov.get_data()
+        for path in data.measured_files():
+            f = paths.get(str(Path(path).resolve()))
+            for line in data.lines(path) or []:
+                out[f].setdefault(str(line), []).append(case.name())
+    return out
+
+
+def _verdict(args, only=None) -> dict:
     """This tree's verdict (the mutant is already written into it)."""
     import numpy as np
     try:
-        v = matrix_verdict(args.sides, args.variant, tuple(args.dtype))
+        v = matrix_verdict(args.sides, args.variant, tuple(args.dtype), only)
         if v["verdict"] == "survived":
             with np.load(args.oracle_ref, allow_pickle=False) as ref:
                 try:
@@ -298,15 +338,18 @@ def _child(args) -> int:
     import numpy as np
     import torch  # noqa: F401  (loaded once, kept across mutants)
     if args.oracle_only:
+        Path(args.oracle_out + ".lines.json").write_text(
+            json.dumps(line_map(args.file, args.sides, args.variant, tuple(args.dtype))))
         np.savez(args.oracle_out, **oracle_outputs(args.sides, args.variant))
         print(json.dumps({"verdict": "oracle"}))
         return 0
     tree = Path.cwd()
     for line in sys.stdin:
-        if line.strip() != "run":
+        if not line.startswith("run"):
             break
+        only = json.loads(line[3:])          # "run [case names]"
         _fresh_imports(tree)
-        print(json.dumps(_verdict(args)), flush=True)
+        print(json.dumps(_verdict(args, only)), flush=True)
     return 0
 
 
@@ -349,20 +392,23 @@ def run_mutants(mutants: list[Mutant], root: Path = ROOT, workers: int = 2, matr
         tmp = Path(tmp)
         oracle = tmp / "oracle.npz"
         base = _copy_tree(root, tmp / "base")
-        cmd, env = _child_cmd(base, ["--oracle-only", "--oracle-out", str(oracle), *matrix.argv()])
+        files = sorted({m.file for m in mutants})
+        cmd, env = _child_cmd(base, ["--oracle-only", "--oracle-out", str(oracle), *matrix.argv(),
+                                     *[a for f in files for a in ("--file", f)]])
         subprocess.run(cmd, env=env, check=True, cwd=base, capture_output=True)
+        lines = json.loads(Path(str(oracle) + ".lines.json").read_text())
         trees = [_copy_tree(root, tmp / f"w{i}") for i in range(workers)]
         children = [None] * workers         # one long-lived child per worker, restarted after a timeout
         free = list(range(workers))
         results: list[dict] = [None] * len(mutants)
 
-        def ask(w) -> dict:
+        def ask(w, only) -> dict:
             if children[w] is None or children[w].poll() is not None:
                 cmd, env = _child_cmd(trees[w], ["--oracle-ref", str(oracle), *matrix.argv()])
                 children[w] = subprocess.Popen(cmd, env=env, cwd=trees[w], stdin=subprocess.PIPE,
                                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             child = children[w]
-            child.stdin.write("run\n")
+            child.stdin.write("run" + json.dumps(only) + "\n")
             child.stdin.flush()
             deadline = time.monotonic() + matrix.timeout
             while True:
@@ -386,7 +432,9 @@ def run_mutants(mutants: list[Mutant], root: Path = ROOT, workers: int = 2, matr
             try:
                 path.write_text(m.apply(original))
                 t0 = time.perf_counter()
-                v = ask(w)
+                only = lines.get(m.file, {}).get(str(m.stmt_line), [])
+                v = ask(w, only)
+                v["cases"] = len(only)
                 v["seconds"] = round(time.perf_counter() - t0, 1)
             finally:
                 path.write_text(original)
