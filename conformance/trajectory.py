@@ -89,8 +89,8 @@ def clip(manual_optim, m, r, spec):
     import torch
     from reference import optim as ropt
 
-    if spec[0] == "value":
-        manual_optim.clip_grad_value_(m.grads, spec[1])
+    if spec[0] == "value":      # (gradients as a list: the other input form of the clipping functions)
+        manual_optim.clip_grad_value_(list(m.grads.values()), spec[1])
         ropt.clip_grad_value(r, spec[1])
         return None
     _, max_norm, norm_type = spec
