@@ -23,6 +23,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed  # noqa: E402
 
 from manual.config import PRESETS
 
+from . import external
 from .engine import CHECKS, run_case
 from .matrix import VARIANTS, cases
 from .report import summarize, write_json
@@ -89,6 +90,7 @@ def main(argv=None) -> int:
     p.add_argument("--coverage", action="store_true",
                    help="run under coverage.py and print the line and branch coverage of the manual math "
                         "(.coveragerc; conformance/power.py); added to --json")
+    external.add_arguments(p)
     args = p.parse_args(argv)
     if args.coverage:
         from . import power
@@ -103,6 +105,8 @@ def main(argv=None) -> int:
         todo = cases(args.preset, dtypes, quick=args.quick, only=args.variant)
     except ValueError as exc:
         p.error(str(exc))
+    if args.impl or args.impl_cmd:      # your implementation under test (conformance/external.py)
+        return external.matrix_main(p, args, todo, initializer=_one_thread)
     checks = tuple(args.check) if args.check else CHECKS
     if args.third == "hf":            # fail before the suite runs when transformers is missing
         from .hf import require_transformers

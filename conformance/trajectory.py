@@ -24,15 +24,16 @@ from manual import registry
 
 from .compare import Comparison, compare, missing
 
-# kind -> (hyperparameters, clipping or None). Clipping: ("norm", max_norm, norm_type) is global-norm
-# clipping (clip_grad_norm_), ("value", v) clamps every gradient element to [-v, v] (clip_grad_value_).
+# kind -> (hyperparameters, clipping or None). Clipping: a number is global 2-norm clipping to it (the
+# two default kinds; conformance/external.py and the debugger read it so); ("norm", max_norm, norm_type)
+# clips by another norm (clip_grad_norm_), ("value", v) clamps every element to [-v, v] (clip_grad_value_).
 # lr 1e-3 is the tiny preset's (the blog's) rate. At 1e-2 this tiny model on random tokens
 # trains unstably (gradient norm jumping 1.6 -> 9.2) and any 1e-16 difference grows ~10x per
 # step in both dtypes: chaos, not a disagreement (measured; see README).
 # Every option of manual/optim.py is set away from its default by some kind (issue 16): the two
 # defaults run in every case; the others in the matrix's "optim_*" variants (conformance/matrix.py).
 OPTIMIZERS = {
-    "adamw": (dict(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8), ("norm", 1.0, 2.0)),
+    "adamw": (dict(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8), 1.0),
     "sgd": (dict(lr=0.1, momentum=0.9, weight_decay=0.01), None),
     # betas, eps and weight decay all away from the others; clipping by value (elements of the
     # tiny model's gradients reach ~0.05, so 0.004 clamps a good share of them)
@@ -89,6 +90,8 @@ def clip(manual_optim, m, r, spec):
     import torch
     from reference import optim as ropt
 
+    if isinstance(spec, (int, float)):
+        spec = ("norm", float(spec), 2.0)
     if spec[0] == "value":      # (gradients as a list: the other input form of the clipping functions)
         manual_optim.clip_grad_value_(list(m.grads.values()), spec[1])
         ropt.clip_grad_value(r, spec[1])

@@ -10,11 +10,19 @@ import dataclasses
 import json
 from dataclasses import dataclass, field, fields
 
+import numpy as np
+
 NORMS = ("pre", "post")
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
 ATTENTIONS = ("standard", "flash")
 DTYPES = ("float32", "float64")
 LOSSES = ("cross_entropy", "brier")
+
+# The stated limit on the memory a config may imply: the bytes of its parameters (the gradients and
+# the optimizer state take the same again, two to three times). A config over it is refused when it
+# is built, before anything is allocated: a checkpoint of a few bytes cannot ask for n_layers = 10**9.
+# Raise it (manual.config.MAX_PARAM_BYTES = ...) to size bigger models.
+MAX_PARAM_BYTES = 2**40            # 1 TiB
 
 
 @dataclass(frozen=True)
@@ -39,6 +47,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         problems = []
+        object.__setattr__(self, "dtype", _dtype_name(self.dtype))
         for name in ("vocab_size", "max_seq_len", "d_model", "n_heads", "d_ff", "n_layers", "n_future", "pad_id"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -65,10 +74,28 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
                 problems.append(f"{name} must be a finite number > 0, got {value!r}")
-            else:  # a plain Python float: an np.float64 here would promote every float32 array it touches
-                object.__setattr__(self, name, float(value))
+                continue
+            object.__setattr__(self, name, float(value))  # a Python float: np.float64 would promote float32 arrays
+            if self.dtype in DTYPES:   # dtype-aware: the value must be a normal number of the model's dtype
+                info = np.finfo(self.dtype)
+                if not float(info.tiny) <= value <= float(info.max):
+                    problems.append(f"{name} {value!r} is not a normal {self.dtype} number (it must lie in "
+                                    f"[{float(info.tiny):.4g}, {float(info.max):.4g}]; outside, it underflows "
+                                    f"or overflows and the loss becomes NaN)")
         if problems:
             raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+        self._check_size()
+
+    def _check_size(self) -> None:
+        """The implied parameter bytes against MAX_PARAM_BYTES (a closed form: nothing is enumerated)."""
+        from .registry import param_count_closed_form
+
+        nbytes = param_count_closed_form(self) * np.dtype(self.dtype).itemsize
+        if nbytes > MAX_PARAM_BYTES:
+            raise ValueError(f"invalid ModelConfig: it implies {nbytes:,} bytes ({nbytes / 2**30:,.1f} GiB) of "
+                             f"parameters (n_layers {self.n_layers}, d_model {self.d_model}, d_ff {self.d_ff}, "
+                             f"vocab_size {self.vocab_size}, max_seq_len {self.max_seq_len}), over the limit "
+                             f"manual.config.MAX_PARAM_BYTES = {MAX_PARAM_BYTES:,} bytes")
 
     # -- derived sizes ---------------------------------------------------------------
     @property
@@ -98,22 +125,51 @@ class ModelConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+    def from_dict(cls, data: dict, strict: bool = False) -> "ModelConfig":
+        """A config from a dict. strict=True (a checkpoint's config) requires every field: a missing one
+        would silently take its default and give a different model from the one that was saved."""
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(known))
         if unknown:
             raise ValueError(f"config has unknown field(s) {unknown}; known fields are {sorted(known)}")
+        missing = [name for name in known if name not in data]
+        if strict and missing:
+            raise ValueError(f"config lacks field(s) {missing}; a saved config must carry every field "
+                             f"(defaults would silently give a different model)")
         return cls(**data)
 
     @classmethod
-    def from_json(cls, text: str) -> "ModelConfig":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"config is not valid JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"config JSON must be an object, got {type(data).__name__}")
-        return cls.from_dict(data)
+    def from_json(cls, text: str, strict: bool = False) -> "ModelConfig":
+        data = load_json_object(text, "config")
+        return cls.from_dict(data, strict=strict)
+
+
+def load_json_object(text: str, what: str) -> dict:
+    """json.loads(text), which must give an object; one ValueError for text that is not JSON, is nested
+    too deeply to parse (RecursionError), or is not an object."""
+    if not isinstance(text, str):
+        raise ValueError(f"{what} must be JSON text, got {type(text).__name__}")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{what} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ValueError(f"{what} JSON is nested too deeply to read ({len(text):,} characters)") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} JSON must be an object, got {type(data).__name__}")
+    return data
+
+
+def _dtype_name(value):
+    """'float32' for 'float32', np.float32 or np.dtype('float32') alike (anything else is left for the
+    check that lists the allowed names), so that a config holds a plain string on both sides."""
+    if isinstance(value, str):
+        return value
+    try:
+        name = np.dtype(value).name
+    except (TypeError, ValueError, KeyError, AttributeError, RecursionError):
+        return value
+    return name if name in DTYPES and value is not None else value
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import checkpoint, memory
+from .checks import check_call_order, check_model_args
 from .config import ModelConfig
 from .layers import (FLASH_BLOCK, BlockCache, EmbeddingCache, LayerNormCache, LinearCache, LossCache, block_backward,
                      block_forward, embedding_backward, embedding_forward, layernorm_backward, layernorm_forward,
@@ -119,13 +120,18 @@ class Model:
 
     def __init__(self, cfg: ModelConfig, seed: int = 0, *, debug: bool = False, flash_block: int = FLASH_BLOCK,
                  _params: dict | None = None):
-        if not isinstance(cfg, ModelConfig):
-            raise TypeError(f"cfg must be a ModelConfig, got {type(cfg).__name__}")
+        check_model_args(cfg)
         self.cfg = cfg
         self.debug = bool(debug)
         self.flash_block = int(flash_block)   # keys per block of 'flash' attention
         self.params = init_params(cfg, seed) if _params is None else _params
-        self.grads = {name: np.zeros_like(arr) for name, arr in self.params.items()}
+        # All gradients live in one zeroed buffer; model.grads[name] are views into it, so that
+        # zeroing, clipping and AdamW can each run over the whole buffer at once (manual/optim.py).
+        self.grad_buffer = np.zeros(sum(arr.size for arr in self.params.values()), dtype=cfg.dtype)   # (P,)
+        self.grads, offset = {}, 0
+        for name, arr in self.params.items():
+            self.grads[name] = self.grad_buffer[offset:offset + arr.size].reshape(arr.shape)
+            offset += arr.size
         self._dtype = np.dtype(cfg.dtype)
         self._param_shapes = param_shapes(cfg)
         self._tap_names = [s.name for s in tap_specs(cfg)]
@@ -139,6 +145,7 @@ class Model:
     @classmethod
     def from_params(cls, cfg: ModelConfig, params: dict, **kwargs) -> "Model":
         """A model holding copies of `params` (checked: every name, shape and dtype, all problems listed)."""
+        check_model_args(cfg, params)
         checkpoint.check_params(cfg, params, where="params given to Model.from_params", allow_prefixes=())
         own = {s.name: np.array(params[s.name], dtype=cfg.dtype, order="C", copy=True) for s in param_specs(cfg)}
         return cls(cfg, _params=own, **kwargs)
@@ -223,12 +230,7 @@ class Model:
     def backward(self) -> None:
         """Accumulate dLoss/dparam into self.grads (+=); set self.tap_grads for this backward."""
         cfg, c = self.cfg, self._cache
-        if c is None:
-            raise ValueError("backward() called before forward(): there are no activations to differentiate; "
-                             "call model.forward(ids, targets) first")
-        if c.loss is None:
-            raise ValueError("backward() needs a loss, but the last forward() was called with targets=None; "
-                             "call model.forward(ids, targets) first")
+        check_call_order(c is not None, c is not None and c.loss is not None)   # same error as the reference
         self._check_tensors(self.grads, "model.grads")
         g, L, k = self.grads, cfg.n_layers, cfg.n_future
         dW_out = g["transformer.wte.weight"] if cfg.tie_embeddings else g["lm_head.weight"]    # (V, C)

@@ -222,6 +222,8 @@ def tokenizer_from_json(s: str) -> Tokenizer:
         d = json.loads(s)
     except (TypeError, json.JSONDecodeError) as exc:
         raise ValueError(f"tokenizer JSON does not parse: {exc}") from None
+    except RecursionError:
+        raise ValueError(f"tokenizer JSON does not parse: nested too deeply ({len(s):,} characters)") from None
     if not isinstance(d, dict) or d.get("kind") not in KINDS:
         kind = d.get("kind") if isinstance(d, dict) else type(d).__name__
         raise ValueError(f"tokenizer JSON has kind {kind!r}; known kinds: {sorted(KINDS)}")
@@ -230,4 +232,11 @@ def tokenizer_from_json(s: str) -> Tokenizer:
                          f"{TOKENIZER_FORMAT_VERSION}")
     if d.get("specials") != list(SPECIALS):
         raise ValueError(f"tokenizer JSON has specials {d.get('specials')!r}; expected {list(SPECIALS)}")
-    return KINDS[d["kind"]](d["tokens"], **d.get("options", {}))
+    tokens, options = d.get("tokens"), d.get("options", {})
+    if not isinstance(tokens, list) or not isinstance(options, dict):
+        raise ValueError(f"tokenizer JSON needs a list 'tokens' and a dict 'options', got "
+                         f"{type(tokens).__name__} and {type(options).__name__}")
+    try:
+        return KINDS[d["kind"]](tokens, **options)
+    except TypeError as exc:         # an option this kind does not take
+        raise ValueError(f"tokenizer JSON has options this {d['kind']} tokenizer does not take: {exc}") from None

@@ -14,9 +14,11 @@ One step, in this order (the blog post's training step):
 
     lr = lr_at(step)                          set on every optimizer group
     optimizer.zero_grad()
-    loss = model.forward(xb, yb)              a non-finite loss stops the run, naming the step
+    loss = model.forward(xb, yb)              a non-finite loss stops the run, naming the step and
+                                              the first non-finite tap (in execution order)
     model.backward()
-    clip_grad_norm(clip_norm)                 optional; a non-finite gradient norm stops the run
+    clip_grad_norm(clip_norm)                 optional; a non-finite gradient norm stops the run,
+                                              naming the step and the first non-finite gradient
     clip_grad_value(clip_value)               optional
     optimizer.step()
 
@@ -35,7 +37,10 @@ uninterrupted run on the same implementation.
 
 Checkpoints (manual/checkpoint.save_model, atomic) are written every `save_every` steps and when
 the run ends, except when it ends on a non-finite value: then the last good checkpoint is kept as
-it is, and parameters are checked to be finite before any checkpoint is written.
+it is, and parameters are checked to be finite before any checkpoint is written. At the end of a
+run the checkpoint is written BEFORE the final evaluation (and again after it, with the final
+validation loss), so a run whose evaluation fails still leaves its weights on disk. A checkpoint
+being resumed counts as "the last good checkpoint" only once its parameters are checked finite.
 """
 from __future__ import annotations
 
@@ -47,6 +52,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .checkpoint import save_model
+from .checks import describe_nonfinite
+from .config import load_json_object
 
 SCHEDULES = ("constant", "cosine")
 TRAIN_STATE_VERSION = 1
@@ -123,10 +130,32 @@ class TrainState:
 
     @classmethod
     def from_json(cls, text: str) -> "TrainState":
-        d = json.loads(text)
+        """Read a saved state; one ValueError for text that is not a JSON object of the right fields."""
+        d = load_json_object(text, "train_state")
         version = d.pop("version", None)
         if version != TRAIN_STATE_VERSION:
             raise ValueError(f"train_state has version {version!r}; this code reads {TRAIN_STATE_VERSION}")
+        known = {f for f in cls.__dataclass_fields__}
+        problems = [f"unknown field(s) {sorted(set(d) - known)}"] if set(d) - known else []
+        for name in ("step", "epoch", "batch", "tokens"):
+            v = d.get(name, 0)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                problems.append(f"{name} must be an int >= 0, got {v!r}")
+        v = d.get("train_seconds", 0.0)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+            problems.append(f"train_seconds must be a number >= 0, got {v!r}")
+        losses = d.get("train_loss", [])
+        if not isinstance(losses, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                   for x in losses):
+            problems.append("train_loss must be a list of numbers")
+        val = d.get("val", [])
+        if not isinstance(val, list) or not all(isinstance(x, list) and len(x) == 2 and isinstance(x[0], int)
+                                                and isinstance(x[1], (int, float)) for x in val):
+            problems.append("val must be a list of [step, loss] pairs")
+        if not problems and len(losses) != d.get("step", 0):
+            problems.append(f"train_loss has {len(losses)} entries for step {d.get('step', 0)}")
+        if problems:
+            raise ValueError("train_state is invalid: " + "; ".join(problems))
         return cls(**d)
 
 
@@ -252,11 +281,17 @@ class Trainer:
         """Continue from a checkpoint: optimizer state from its `optim.*` tensors and "optimizer"
         metadata, and the training state. (The parameters are the model's: build the model from
         the same checkpoint.) `path`, the file read, counts as the last good checkpoint."""
+        found = describe_nonfinite(self.model.params, "parameter")
+        if found is not None:          # never call a non-finite checkpoint "the last good one"
+            raise ValueError(f"cannot resume from {path or 'the checkpoint'}: {found}")
         missing = [k for k in ("optimizer", "train_state") if k not in metadata]
         if missing:
             raise ValueError(f"the checkpoint has no {missing} metadata: it is a model checkpoint, not a "
                              f"training checkpoint, so training cannot resume from it exactly")
-        self.optimizer.load_state_dict(extras, json.loads(metadata["optimizer"]))
+        try:
+            self.optimizer.load_state_dict(extras, load_json_object(metadata["optimizer"], "optimizer metadata"))
+        except (KeyError, TypeError, AttributeError, IndexError) as exc:   # a field of the wrong type or missing
+            raise ValueError(f"the checkpoint's optimizer metadata does not fit: {type(exc).__name__}: {exc}") from None
         self.state = TrainState.from_json(metadata["train_state"])
         if self.state.step > self.total_steps:
             raise ValueError(f"the checkpoint is at step {self.state.step}, past total_steps {self.total_steps}")
@@ -267,10 +302,9 @@ class Trainer:
             self.last_checkpoint, self.last_checkpoint_step = str(path), self.state.step
 
     def _check_params_finite(self) -> None:
-        bad = [name for name, p in self.model.params.items() if not np.all(np.isfinite(p))]
-        if bad:
-            raise NonFinite(f"non-finite parameters after step {self.state.step} in {bad[:5]}"
-                            f"{' ...' if len(bad) > 5 else ''}")
+        found = describe_nonfinite(self.model.params, "parameter")
+        if found is not None:
+            raise NonFinite(f"non-finite parameters after step {self.state.step}: {found}")
 
     # -- evaluation ---------------------------------------------------------------------------
 
@@ -296,13 +330,16 @@ class Trainer:
         with np.errstate(over="ignore", invalid="ignore"):     # a diverging run is reported below, by step
             loss = self.model.forward(xb, yb)
         if not math.isfinite(loss):
-            raise NonFinite(f"the loss is {loss} at step {st.step + 1} (lr {lr:.3g})")
+            first = describe_nonfinite(self.model.taps, "the first non-finite tap:") or "every tap is finite"
+            raise NonFinite(f"the loss is {loss} at step {st.step + 1} (lr {lr:.3g}); {first}")
         with np.errstate(over="ignore", invalid="ignore"):
             self.model.backward()
         if self.clip_norm:
             norm = self.clip_grad_norm(self.clip_norm)
             if not math.isfinite(norm):
-                raise NonFinite(f"the gradient norm is {norm} at step {st.step + 1} (loss {loss:.4g}, lr {lr:.3g})")
+                first = describe_nonfinite(self.model.grads, "the first non-finite gradient:") or ""
+                raise NonFinite(f"the gradient norm is {norm} at step {st.step + 1} (loss {loss:.4g}, lr {lr:.3g})"
+                                + (f"; {first}" if first else ""))
         if self.clip_value:
             self.clip_grad_value(self.clip_value)
         self.optimizer.step()
@@ -314,7 +351,8 @@ class Trainer:
         """Train until total_steps (or until step `stop_at`, as if interrupted there).
 
         Evaluates before the first step (the initial validation loss, once per run), every
-        eval_every steps and after the last one; saves every save_every steps and at the end.
+        eval_every steps and where the run ends; saves every save_every steps and at the end, where
+        the checkpoint is written before the final evaluation and again after it.
         """
         st = self.state
         stopped, message = "finished", f"finished {self.total_steps} steps"
@@ -345,14 +383,18 @@ class Trainer:
                     self.on_step(self, loss, lr_at(st.step - 1, self.lr, self.total_steps, self.schedule,
                                                    self.warmup, self.min_lr))
                 last = st.step == self.total_steps
-                if self.val_inputs is not None and (last or (self.eval_every and st.step % self.eval_every == 0)):
+                if self.val_inputs is not None and self.eval_every and st.step % self.eval_every == 0 and not last:
                     self.evaluate()
                 if self.save_every and st.step % self.save_every == 0 and not last:
                     self.save_checkpoint()
-            if stopped != "finished" and self.val_inputs is not None and st.val and st.val[-1][0] != st.step:
-                self.evaluate()                    # the validation loss where the run stopped
+            # the end: save first, so that a failing evaluation cannot leave the run without a checkpoint
             if self.checkpoint_path is not None:
                 self.save_checkpoint()
+            if self.val_inputs is not None and (stopped == "finished" or st.val) and \
+                    (not st.val or st.val[-1][0] != st.step):
+                self.evaluate()                    # the validation loss where the run ended
+                if self.checkpoint_path is not None:
+                    self.save_checkpoint()         # again, now holding that validation loss
         except NonFinite as exc:
             stopped = "non-finite"
             kept = (f"the last good checkpoint {self.last_checkpoint} (step {self.last_checkpoint_step}) is kept"

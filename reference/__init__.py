@@ -27,7 +27,8 @@ import torch
 
 from manual.checkpoint import load_model, save_model
 from manual.config import ModelConfig
-from manual.registry import init_params, tap_specs
+from manual.checks import LiveParams, check_call_order, check_model_args
+from manual.registry import init_params, param_shapes, tap_specs
 
 from .model import GPT, build, canonical_parameters, export_params, load_params
 
@@ -80,6 +81,7 @@ class Model:
     """The reference model behind the shared Model interface (NumPy in, NumPy out)."""
 
     def __init__(self, cfg: ModelConfig, seed: int = 0):
+        check_model_args(cfg)
         self._setup(cfg, init_params(cfg, seed))
 
     @classmethod
@@ -98,10 +100,10 @@ class Model:
         save_model(path, self.cfg, export_params(self.module), extra_tensors, extra_metadata)
 
     def _setup(self, cfg: ModelConfig, params: dict[str, np.ndarray]) -> None:
-        if not isinstance(cfg, ModelConfig):
-            raise TypeError(f"cfg must be a ModelConfig, got {type(cfg).__name__}")
+        check_model_args(cfg, params)
         self.cfg = cfg
         self._tap_names = [s.name for s in tap_specs(cfg)]    # registry order, checked after every forward
+        self._shapes = param_shapes(cfg)
         self.module: GPT = build(cfg)
         load_params(self.module, params)
         self._params = canonical_parameters(self.module)        # {name: Parameter}, registry order
@@ -129,9 +131,7 @@ class Model:
 
     def backward(self) -> None:
         """d loss / d everything; parameter gradients accumulate (+=) until zero_grad()."""
-        if self._loss is None:
-            raise RuntimeError("backward() needs a forward(ids, targets) with targets first "
-                               "(no loss has been computed since the model was made or since a forward without targets)")
+        check_call_order(bool(self._heads), self._loss is not None)   # same error as manual.Model
         for t in self._taps.values():     # tap gradients are those of this backward, not accumulated
             t.grad = None
         # retain_graph: backward may be called again on the same forward, accumulating again
@@ -158,8 +158,9 @@ class Model:
 
     @property
     def params(self) -> dict[str, np.ndarray]:
-        """{name: ndarray} sharing memory with the Parameters: editing one in place edits the model."""
-        return export_params(self.module)
+        """{name: ndarray} sharing memory with the Parameters: editing one in place edits the model, and
+        so does `params[name] = new_array` (checked, then copied in), as in manual.Model."""
+        return LiveParams(export_params(self.module), self.cfg, self._shapes)
 
     @property
     def grads(self) -> dict[str, np.ndarray]:

@@ -1,7 +1,7 @@
 """Generation for the reference, in torch: the same rule as manual/sampling.py, stated again.
 
     temperature == 0: argmax (ties -> lowest id); otherwise z = logits / temperature, logits
-    below the k-th largest -> -inf, p = softmax(z), token = first id whose cumulative p
+    below the k-th largest -> -inf (z is computed as (logits - max) / temperature), p = softmax(z), token = first id whose cumulative p
     exceeds the shared uniform draw u. Context cropped to the last max_seq_len tokens.
 """
 from __future__ import annotations
@@ -9,14 +9,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from manual.sampling import check_generate_inputs
+from manual.sampling import check_generate_inputs, check_logits
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, u: float) -> int:
     z = logits.to(torch.float64)                                     # (V,)
     if temperature == 0:
         return int(torch.argmax(z))                                  # first maximal index
-    z = z / temperature
+    z = (z - z.max()) / temperature                                  # the max first: no inf - inf at tiny temperatures
     if top_k is not None and top_k < z.shape[0]:
         kth = torch.topk(z, top_k).values[-1]
         z = z.masked_fill(z < kth, float("-inf"))
@@ -37,7 +37,9 @@ def generate(model, prompt, max_new_tokens: int, temperature: float = 1.0, top_k
     for i in range(max_new_tokens):
         context = ids[-cfg.max_seq_len:][None, :]                    # (1, T)
         model.forward(context.numpy())
-        logits = torch.as_tensor(np.asarray(model.logits))[0, -1]
+        row = np.asarray(model.logits)[0, -1]                        # (V,)
+        check_logits(row, i)                                         # the same finite policy as manual
+        logits = torch.as_tensor(row)
         new.append(sample_next(logits, temperature, top_k, float(uniforms[i])))
         ids = torch.cat([ids, torch.tensor([new[-1]])])
     return np.asarray(new, dtype=np.int64)

@@ -227,7 +227,7 @@ def test_export_case_files(exported):
     assert np.load(case / "ids.npy").shape == (2, 6)
     assert "grad.<param name>" in (case / "README.txt").read_text()
     names = (case / "names.txt").read_text().splitlines()
-    assert names[0] == "embed.out [2, 6, 64]" and names[-1].startswith("grad.transformer.wte.weight")
+    assert names[0] == "embed.out [2, 6, 64] ['B', 'T', 'C']" and names[-1].startswith("grad.transformer.wte.weight")
 
 
 def test_against_a_correct_dump_agrees(exported):

@@ -23,7 +23,8 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tools._cli import cli
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin.pt", ".pkl")
 SAFE_CONVERSION = (
@@ -203,6 +204,7 @@ def run(args) -> str:
     return f"wrote {args.out}: ours -> {fmt}, {len(params)} tensors" + "".join(f"; {n}" for n in notes)
 
 
+@cli("convert.py")
 def main(argv=None) -> int:
     from manual.checkpoint import CheckpointError
     from manual.formats import FormatError

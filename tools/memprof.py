@@ -41,14 +41,15 @@ import tracemalloc
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from conformance import memory as cmem  # noqa: E402
-from conformance.engine import make_batch  # noqa: E402
-from manual import memory as mmem  # noqa: E402
-from manual.config import PRESETS, ModelConfig  # noqa: E402
+from conformance import memory as cmem
+from conformance.engine import make_batch
+from manual import memory as mmem
+from manual.config import PRESETS, ModelConfig
+from tools._args import float_at_least
+from tools._cli import cli, output_file, write_output
 
 PHASES, CATEGORIES = cmem.PHASES, cmem.CATEGORIES
 IMPLS = ("manual", "reference")
@@ -808,14 +809,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeline-child", choices=IMPLS, help=argparse.SUPPRESS)   # internal: see timeline()
     p.add_argument("--config-json", help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, default=3, help=argparse.SUPPRESS)
-    p.add_argument("--max-gb", type=float, default=8.0,
+    p.add_argument("--max-gb", type=float_at_least(0.0, strict=True), default=8.0,
                    help="refuse a real run whose estimated footprint exceeds this many GiB (default 8)")
     return p
 
 
+@cli("memprof.py")
 def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
+    output_file(args.json, "--json")         # checked before any work (tools/_cli.py): one line, exit 2
+    output_file(args.plot, "--plot")
     if args.timeline_child:
         cfg = ModelConfig.from_json(args.config_json)
         timeline_child(cfg, args.batch_size, args.seq_len, args.optimizer, args.timeline_child, args.steps)
@@ -878,8 +882,7 @@ def main(argv=None) -> int:
             result["plot"] = str(args.plot)
             print(f"wrote {args.plot}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        write_output(args.json, json.dumps(result, indent=1))
         print(f"wrote {args.json}")
     return 0
 

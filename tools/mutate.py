@@ -267,6 +267,8 @@ def oracle_outputs(sides_spec=None, variants=None) -> dict:
                 opt.zero_grad()
                 m.forward(ids_s, t_s)
                 m.backward()
+                if isinstance(clip, (int, float)):
+                    clip = ("norm", float(clip), 2.0)
                 if clip is not None and clip[0] == "value":
                     sides.manual_optim.clip_grad_value_(m.grads, clip[1])
                 elif clip is not None:
@@ -292,7 +294,7 @@ def line_map(files: list[str], sides_spec=None, variants=None, dtypes=("float64"
         cov = coverage.Coverage(data_file=None, include=list(paths), branch=False, config_file=False)
         cov.start()
         try:
-            run_case(case, sides=sides)
+            run_case(case, FAST + ("optimizer", "generation"), sides=sides)   # memory, training: same code again
         finally:
             cov.stop()
         data = cov.get_data()

@@ -13,18 +13,20 @@ softmax, and one draw from a stream of uniform numbers seeded by --seed, the sam
 both implementations, so both print the same text from the same checkpoint. The context fed to
 the model is cropped to its last max_seq_len tokens. Prints the prompt followed by the
 generated text, decoded.
+
+Errors (tools/_cli.py): a bad checkpoint (tampered metadata, non-finite weights, bfloat16
+tensors, a truncated or unreadable file) or non-finite logits is one line on stderr and exit
+code 2; `... | head` ends quietly.
 """
 from __future__ import annotations
 
 import argparse
 import math
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools._args import CHECKPOINT_NAME, checkpoint_in, int_at_least  # noqa: E402
-
+from tools._args import CHECKPOINT_NAME, checkpoint_in, int_at_least
+from tools._cli import cli
 
 
 def _temperature(text: str) -> float:
@@ -54,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli("sample.py")
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -70,23 +73,24 @@ def main(argv=None) -> int:
     if args.from_hf is not None:      # weights + GPT-2 tokenizer files of a Hugging Face folder
         from manual.formats import FormatError
         from tools.convert import BadInput, load_hf_folder
+        path = args.from_hf
         try:
             cfg, params, tok = load_hf_folder(args.from_hf)
         except (BadInput, FormatError) as exc:
             parser.error(f"argument --from-hf: {exc}")
     else:
         path = checkpoint_in(args.checkpoint)
-        try:
-            cfg, params, _extras, meta = load_model(path)
-        except CheckpointError as exc:
-            parser.error(f"argument CHECKPOINT: {exc}")
+        cfg, params, _extras, meta = load_model(path)       # a CheckpointError: one line, exit 2 (tools/_cli.py)
         if "tokenizer" not in meta:
-            parser.error(f"argument CHECKPOINT: {path} holds no tokenizer (metadata 'tokenizer'); "
-                         f"use a checkpoint written by tools/train.py")
-        tok = tokenizer_from_json(meta["tokenizer"])
+            raise CheckpointError(f"{path} holds no tokenizer (metadata 'tokenizer'); "
+                                  f"use a checkpoint written by tools/train.py")
+        try:
+            tok = tokenizer_from_json(meta["tokenizer"])
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
     if tok.vocab_size != cfg.vocab_size:
-        parser.error(f"argument CHECKPOINT: the tokenizer has {tok.vocab_size} tokens but the model's "
-                     f"vocab_size is {cfg.vocab_size}")
+        raise CheckpointError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the model's "
+                              f"vocab_size is {cfg.vocab_size}")
 
     prompt = tok.encode(args.prompt)                                              # (N,)
     if len(prompt) == 0:
@@ -108,11 +112,8 @@ def main(argv=None) -> int:
         import reference
         from reference.sampling import generate
         model = reference.Model.from_params(cfg, params)
-    try:
-        new = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                       seed=args.seed)
-    except ValueError as exc:
-        parser.error(str(exc))
+    new = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   seed=args.seed)          # non-finite logits: NonFiniteError, one line (tools/_cli.py)
     print(tok.decode(np.concatenate([prompt, new])))
     return 0
 

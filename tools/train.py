@@ -23,9 +23,18 @@ Checkpoints go to OUT/checkpoint.safetensors (atomic: a crash never leaves a tor
 --save-every steps and at the end, with the optimizer state, the step, the position in the data,
 the tokenizer and these arguments. --resume DIR_OR_FILE continues from one: the saved arguments
 are the defaults, so `--resume DIR` alone continues the same run, and an interrupted-and-resumed
-run ends with the same weights, bit for bit, as the uninterrupted one (same --impl). Ctrl-C stops
-between two steps, saves and tells you how to resume. A non-finite loss or gradient norm stops
-the run with a message naming the step; the last good checkpoint is left as it was.
+run ends with the same weights, bit for bit, as the uninterrupted one (same --impl, same thread
+count). The thread count is part of the run: --resume without --threads restores the count the run
+was started with (its saved --threads), since BLAS reductions split over a different number of
+threads round differently; a --threads that differs from the saved one is used, with a warning
+that names both numbers. Ctrl-C stops between two steps, saves and tells you how to resume. A
+non-finite loss or gradient norm stops the run with a message naming the step and the first
+non-finite tensor; the last good checkpoint is left as it was. The checkpoint is written before
+the final evaluation, so a run never ends without one.
+
+Errors (tools/_cli.py): bad input is one line on stderr and exit code 2; --out, --json and --plot
+are checked before anything is trained; the run's estimated memory is checked against the
+machine's before anything is allocated.
 """
 from __future__ import annotations
 
@@ -33,36 +42,22 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import signal
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools._args import CHECKPOINT_NAME, checkpoint_in, int_at_least, set_blas_threads  # noqa: E402
+from tools._args import (CHECKPOINT_NAME, checkpoint_in, float_at_least, int_at_least,
+                         read_header_metadata, set_blas_threads)
+from tools._cli import CLIError, cli, output_dir, output_file, save_figure, write_output
 
 # arguments that belong to one session and are never taken from the checkpoint on --resume
-SESSION_ONLY = {"resume", "stop_at", "json", "plot", "quiet", "threads", "time_limit"}
+# (--threads is not one of them: a resumed run keeps the run's thread count, see the docstring)
+SESSION_ONLY = {"resume", "stop_at", "json", "plot", "quiet", "time_limit"}
 MODEL_FLAGS = ("d_model", "n_heads", "d_ff", "n_layers", "max_seq_len", "norm", "activation", "bias",
                "tie_embeddings", "n_future", "attention")
-
-
-# ----------------------------------------------------------------------------------------------
-# argument types: each error names the value
-
-
-def _float(low: float = 0.0, strict: bool = False):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not math.isfinite(value) or value < low or (strict and value == low):
-            raise argparse.ArgumentTypeError(f"must be a finite number {'>' if strict else '>='} {low:g}, got {text}")
-        return value
-    parse.__name__ = "number"
-    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--data", metavar="FILE", help="a UTF-8 text file (default: the embedded corpus)")
     src.add_argument("--synthetic", type=int_at_least(2), metavar="N",
                      help="a deterministic synthetic corpus of N characters (fast tests)")
-    g.add_argument("--val-fraction", type=_float(0.0, strict=True), default=0.1,
+    g.add_argument("--val-fraction", type=float_at_least(0.0, strict=True), default=0.1,
                    help="the last part of the token stream that validates (default 0.1)")
     g.add_argument("--seed", type=int_at_least(0), default=0, help="initial weights and batch order (default 0)")
     g = p.add_argument_group("training")
@@ -106,18 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int_at_least(1), help="passes over the training windows (default 1)")
     g.add_argument("--max-steps", type=int_at_least(1), help="updates (caps --epochs when both are given)")
     g.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
-    g.add_argument("--lr", type=_float(0.0, strict=True), default=3e-3, help="peak learning rate (default 3e-3)")
-    g.add_argument("--weight-decay", type=_float(), default=0.0,
+    g.add_argument("--lr", type=float_at_least(0.0, strict=True), default=3e-3, help="peak learning rate (default 3e-3)")
+    g.add_argument("--weight-decay", type=float_at_least(), default=0.0,
                    help="decoupled (AdamW) / L2 (SGD) decay of the matrices only (registry.decay_groups)")
-    g.add_argument("--momentum", type=_float(), default=0.0, help="SGD momentum (default 0)")
+    g.add_argument("--momentum", type=float_at_least(), default=0.0, help="SGD momentum (default 0)")
     g.add_argument("--schedule", choices=("constant", "cosine"), default="constant")
     g.add_argument("--warmup", type=int_at_least(0), default=0, help="linear warm-up steps (default 0)")
-    g.add_argument("--min-lr-ratio", type=_float(), default=0.1,
+    g.add_argument("--min-lr-ratio", type=float_at_least(), default=0.1,
                    help="cosine: the final learning rate as a fraction of --lr (default 0.1)")
-    g.add_argument("--clip-norm", type=_float(), default=1.0,
+    g.add_argument("--clip-norm", type=float_at_least(), default=1.0,
                    help="clip the global gradient norm to this (the blog's 1.0; 0 = off)")
-    g.add_argument("--clip-value", type=_float(), default=0.0, help="clamp every gradient to [-v, v] (0 = off)")
-    g.add_argument("--time-limit", type=_float(0.0, strict=True), metavar="SECONDS",
+    g.add_argument("--clip-value", type=float_at_least(), default=0.0, help="clamp every gradient to [-v, v] (0 = off)")
+    g.add_argument("--time-limit", type=float_at_least(0.0, strict=True), metavar="SECONDS",
                    help="stop (and save) after this much wall time")
     g = p.add_argument_group("evaluation and output")
     g.add_argument("--eval-every", type=int_at_least(0), default=100,
@@ -150,45 +145,111 @@ def resolve_checkpoint(path: str) -> Path:
 
 # ----------------------------------------------------------------------------------------------
 
+@cli("train.py")
 def main(argv=None) -> int:
-    # threads first: BLAS reads these variables when NumPy is imported (build_parser imports it)
+    # threads first: BLAS reads these variables when NumPy is imported (build_parser imports it); on
+    # --resume without --threads, the run's own count, read from the checkpoint header without NumPy
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--threads", type=int_at_least(1))
-    threads = pre.parse_known_args(argv)[0].threads
+    pre.add_argument("--resume")
+    early = pre.parse_known_args(argv)[0]
+    threads = early.threads or (_saved_threads(early.resume) if early.resume else None)
     if threads:
         set_blas_threads(threads)
     parser = build_parser()
     args = parser.parse_args(argv)
+    output_file(args.json, "--json")              # checked before any work: one line, exit 2
+    output_file(args.plot, "--plot")
     resume = None
     if args.resume:
         resume = _read_resume(parser, args.resume)
         # the saved arguments become the defaults; what this command line gives still wins
         parser.set_defaults(**{k: v for k, v in resume["args"].items() if k not in SESSION_ONLY})
         args = parser.parse_args(argv)
+        saved = resume["args"].get("threads")
+        if args.threads != saved:
+            print(f"warning: this session uses --threads {args.threads or 'default'}, the run was started with "
+                  f"--threads {saved or 'default'}; the weights may differ from the uninterrupted run's in "
+                  f"the last bits (leave --threads out to keep the run's count)", file=sys.stderr)
+    if args.threads:
+        _limit_threads(args.threads)
     if args.stop_at is not None and args.max_steps is not None and args.stop_at > args.max_steps:
         parser.error(f"argument --stop-at: {args.stop_at} is past --max-steps {args.max_steps}")
+    output_dir(args.out, "--out")
+    return _run(parser, args, resume)
+
+
+def _saved_threads(where: str) -> int | None:
+    """The --threads a run was started with, from its checkpoint's train_args (None when unknown)."""
     try:
-        return _run(parser, args, resume)
-    except (ValueError, FileNotFoundError) as exc:     # while setting up: a bad data file, an invalid config, ...
-        # said in one line, without a traceback
-        print(f"train.py: error: {exc}", file=sys.stderr)
-        return 2
+        args = json.loads(read_header_metadata(checkpoint_in(where)).get("train_args", "{}"))
+    except (OSError, ValueError, RecursionError):
+        return None             # the full read in _read_resume reports what is wrong with the file
+    threads = args.get("threads") if isinstance(args, dict) else None
+    return threads if isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1 else None
+
+
+def _limit_threads(n: int) -> None:
+    """BLAS threads of this process, also when NumPy is already loaded (threadpoolctl, if installed);
+    the environment variables (set_blas_threads) cover a fresh process and its children."""
+    set_blas_threads(n)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return
+    threadpool_limits(limits=n, user_api="blas")
 
 
 def _read_resume(parser, where: str) -> dict:
     from manual.checkpoint import CheckpointError, load_model
+    from manual.config import load_json_object
 
     try:
         path = resolve_checkpoint(where)
         cfg, params, extras, meta = load_model(path)
-    except (FileNotFoundError, CheckpointError) as exc:
-        parser.error(f"argument --resume: {exc}")
+    except FileNotFoundError as exc:
+        raise CLIError(f"--resume: {exc}") from None
     missing = [k for k in ("train_args", "tokenizer", "optimizer", "train_state") if k not in meta]
     if missing:
-        parser.error(f"argument --resume: {path} has no {missing} metadata; it is not a training "
-                     f"checkpoint written by tools/train.py")
-    return {"path": path, "cfg": cfg, "params": params, "extras": extras, "meta": meta,
-            "args": json.loads(meta["train_args"])}
+        raise CheckpointError(f"{path} has no {missing} metadata; it is not a training "
+                              f"checkpoint written by tools/train.py")
+    try:
+        saved = _check_saved_args(parser, load_json_object(meta["train_args"], "train_args"))
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    return {"path": path, "cfg": cfg, "params": params, "extras": extras, "meta": meta, "args": saved}
+
+
+def _check_saved_args(parser, saved: dict) -> dict:
+    """The saved arguments of a run, each checked as if it had been typed (its type, its choices):
+    a tampered checkpoint gives one ValueError, never a crash later. Unknown names are dropped."""
+    actions = {a.dest: a for a in parser._actions}
+    out, problems = {}, []
+    for name, value in saved.items():
+        action = actions.get(name)
+        if action is None or name in SESSION_ONLY:
+            continue
+        if value is None:
+            out[name] = None
+            continue
+        if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):
+            ok = isinstance(value, bool)
+        elif action.type is not None:
+            try:
+                ok = not isinstance(value, (bool, list, dict)) and action.type(str(value)) == value
+            except (argparse.ArgumentTypeError, ValueError, TypeError):
+                ok = False
+        else:
+            ok = isinstance(value, str)
+        if ok and action.choices is not None and value not in action.choices:
+            ok = False
+        if ok:
+            out[name] = value
+        else:
+            problems.append(f"{name}={value!r}")
+    if problems:
+        raise ValueError(f"train_args holds values this tool does not accept: {', '.join(problems)}")
+    return out
 
 
 def _run(parser, args, resume) -> int:
@@ -245,13 +306,14 @@ def _run(parser, args, resume) -> int:
     if args.stop_at is not None and args.stop_at > total:
         parser.error(f"argument --stop-at: {args.stop_at} is past the last step {total}")
 
+    # -- memory: the estimate against the machine's, before anything is allocated
+    _check_memory(cfg, args.batch_size, args.impl, len(x_val))
+
     # -- model and optimizer
     model, optimizer, clip_fns = _build(args, cfg, resume)
 
     # -- the loop, with its progress bar and log lines
     out = Path(args.out) if args.out else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
     saved_args = dict(vars(args))
     log = _Log(args, total, cfg)
     interrupted = {"flag": False}
@@ -304,8 +366,8 @@ def _run(parser, args, resume) -> int:
         "optimizer": args.optimizer, "lr": args.lr, "schedule": args.schedule,
         "steps": st.step, "total_steps": total, "start_step": start_step, "epoch": st.epoch,
         "initial_val_loss": initial, "final_val_loss": final,
-        "initial_perplexity": math.exp(initial) if ce and initial is not None else None,
-        "final_perplexity": math.exp(final) if ce and final is not None else None,
+        "initial_perplexity": perplexity(initial) if ce and initial is not None else None,
+        "final_perplexity": perplexity(final) if ce and final is not None else None,
         "val_loss_reduction": (1 - final / initial) if initial and final is not None else None,
         "tokens_per_s": result.tokens_per_s, "tokens": st.tokens, "train_seconds": st.train_seconds,
         "wall_seconds": time.perf_counter() - t_start,
@@ -315,7 +377,7 @@ def _run(parser, args, resume) -> int:
         "args": saved_args,
     }
     if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=1))
+        write_output(args.json, json.dumps(summary, indent=1))
     if args.plot and st.train_loss:
         plot_loss(st, args.plot, title=f"{args.impl}, {args.preset}, {tok.kind}-level, {source}")
     log.summary(summary, args)
@@ -324,6 +386,39 @@ def _run(parser, args, resume) -> int:
     if result.stopped == "interrupted" and interrupted["flag"]:
         return 130
     return 0
+
+
+def perplexity(loss: float) -> float | None:
+    """exp(loss); None where it overflows a float (a diverging run's loss can be huge and finite)."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return None
+
+
+def physical_memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_memory(cfg, batch_size: int, impl: str, n_val: int) -> None:
+    """Refuse a run whose closed-form footprint (manual.memory: parameters, gradients, two optimizer
+    buffers, the peak of one step at the larger of the training and evaluation batches; x2 for the
+    reference's extra copies, as tools/memprof.py counts it) exceeds the machine's physical memory."""
+    from manual.memory import param_bytes, peak_bytes_closed_form
+
+    have = physical_memory_bytes()
+    if have is None:
+        return
+    B = max(batch_size, min(64, max(n_val, 1)))
+    need = (peak_bytes_closed_form(cfg, B, cfg.max_seq_len) + 2 * param_bytes(cfg)) * (2 if impl == "reference" else 1)
+    if need > have:
+        raise CLIError(f"this run needs an estimated {need / 2**30:,.1f} GiB (max_seq_len {cfg.max_seq_len}, "
+                       f"batch {B}, d_model {cfg.d_model}, n_layers {cfg.n_layers}), more than the machine's "
+                       f"{have / 2**30:,.1f} GiB; use a smaller --max-seq-len, --batch-size or model "
+                       f"(python tools/memprof.py --dry-run sizes a config)")
 
 
 def _main_thread() -> bool:
@@ -399,7 +494,9 @@ class _Log:
                                      tok_s=f"{trainer.tokens_per_s:,.0f}", refresh=False)
 
     def on_eval(self, trainer, step, val):
-        ppl = f"  perplexity {math.exp(val):8.2f}" if self.cfg.loss == "cross_entropy" else ""
+        ppl = perplexity(val)
+        ppl = (f"  perplexity {ppl if ppl is not None else float('inf'):8.2f}"
+               if self.cfg.loss == "cross_entropy" else "")
         train = f"  train loss {self.ema:.4f}" if self.ema is not None else ""
         speed = f"  {trainer.tokens_per_s:,.0f} tok/s" if trainer.tokens_per_s else ""
         self.write(f"step {step:>6}/{self.total}{train}  val loss {val:.4f}{ppl}{speed}")
@@ -452,7 +549,7 @@ def plot_loss(state, path, title: str = "") -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
 
 

@@ -243,7 +243,7 @@ def blame_optimizer(bad: Comparison, sides, kind: str, step: Step, cfg: ModelCon
             got = {"manual": np.asarray(bad.a_value, bad.dtype), "reference": np.asarray(bad.b_value, bad.dtype)}
         else:
             name = what[len("clipped_grad."):]
-            want = g[name].astype(np.float64) * min(clip[1] / (total + 1e-6), 1.0)   # ("norm", max, 2.0)
+            want = g[name].astype(np.float64) * min(clip / (total + 1e-6), 1.0)
             got = {"manual": m.grads[name], "reference": before.clipped[name]}
         judged = {side: _recomputed(v, want, what) for side, v in got.items()}
         return Blame([LayerCheck(layer, "global-norm clipping redone in float64 from the reference's unclipped "

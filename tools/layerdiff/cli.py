@@ -12,6 +12,7 @@ from conformance.trajectory import DEFAULT_OPTIMIZERS
 from manual import registry
 from manual.config import PRESETS, ModelConfig
 from tools._args import CHECKPOINT_NAME, int_at_least
+from tools._cli import cli, output_dir, output_file, write_output
 
 from .dump import export_case, load_dump
 from .report import plot, print_report
@@ -141,9 +142,14 @@ def setup_from_args(args, p) -> Setup:
                       pad=not args.no_pad, params=params, label=label)
 
 
+@cli("python -m tools.layerdiff")
 def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
+    output_file(args.json, "--json")          # checked before any work (tools/_cli.py): one line, exit 2
+    output_file(args.plot, "--plot")
+    if args.export_case:
+        output_dir(args.export_case, "--export-case")
     from tools import faults
     if args.list_faults:
         print(faults.describe())
@@ -155,7 +161,7 @@ def main(argv=None) -> int:
             p.error(str(exc.args[0]))
         print_zoo(z)
         if args.json:
-            Path(args.json).write_text(json.dumps(z, indent=1))
+            write_output(args.json, json.dumps(z, indent=1))
             print(f"wrote {args.json}")
         return 0 if z["caught"] == z["total"] and z["localized"] == z["total"] else 1
     fault = None
@@ -202,7 +208,7 @@ def main(argv=None) -> int:
                         against=against)
     print_report(rep, diff_only=args.diff_only)
     if args.json:
-        Path(args.json).write_text(json.dumps(rep.as_json(), indent=1, default=str))
+        write_output(args.json, json.dumps(rep.as_json(), indent=1, default=str))
         print(f"wrote {args.json}")
     if args.plot:
         plot(rep, args.plot)

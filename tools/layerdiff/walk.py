@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from conformance import trajectory
-from conformance.compare import Comparison, compare
+from conformance import external, trajectory
+from conformance.compare import Comparison
 from conformance.engine import make_batch
 from manual import registry
 from manual.config import PRESETS, ModelConfig
@@ -71,30 +71,16 @@ def run_model(cls, setup: Setup) -> dict[str, np.ndarray]:
     return tensors_of(model)
 
 
-def expected_names(cfg: ModelConfig) -> list[tuple[str, str]]:
-    """(name, check) of every tensor in walk order: taps, loss, tap grads backward, param grads backward."""
-    taps = [s.name for s in registry.tap_specs(cfg)]
-    out = [(n, "activation") for n in taps] + [("loss", "loss")]
-    out += [(f"grad.{n}", "activation_grad") for n in reversed(taps)]
-    out += [(f"grad.{s.name}", "param_grad") for s in reversed(registry.param_specs(cfg))]
-    return out
-
-
-def expected_shapes(cfg: ModelConfig, B: int, T: int) -> dict[str, tuple]:
-    taps = registry.tap_shapes(cfg, B, T)
-    shapes = dict(taps)
-    shapes["loss"] = ()
-    shapes.update({f"grad.{n}": s for n, s in taps.items()})
-    shapes.update({f"grad.{n}": s for n, s in registry.param_shapes(cfg).items()})
-    return shapes
+expected_names = external.dump_names      # (name, check) of every tensor in walk order
+expected_shapes = external.dump_shapes    # name -> shape for a batch (B, T)
 
 
 def walk(a: dict, b: dict, cfg: ModelConfig, label: str = "") -> list[Comparison]:
     """Compare tensors `a` (under test) against `b` (reference) in walk order. Names absent from
-    `a` are skipped (a dump may leave some out); absent from `b` is an error of the caller."""
-    dt = np.dtype(cfg.dtype)
-    return [compare(a[name], b[name], tensor=name, check=check, config=label, expect_dtype=dt)
-            for name, check in expected_names(cfg) if name in a]
+    `a` are skipped (a dump may leave some out). The dump conventions apply (conformance/conventions.py):
+    masked attention entries are not compared; a float32 dump of a float64 case is compared at float32's
+    tolerance, with a note."""
+    return external.compare_tensors(a, b, cfg, label, strict=False)
 
 
 def first_failure(rows: list[Comparison]) -> Comparison | None:
