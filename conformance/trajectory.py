@@ -38,7 +38,8 @@ OPTIMIZERS = {
     # betas, eps and weight decay all away from the others; clipping by value (elements of the
     # tiny model's gradients reach ~0.05, so 0.004 clamps a good share of them)
     # beta1 0.4: lerp's weight 1 - beta1 >= 0.5 takes the other branch of optim._lerp_ (torch's too)
-    "adamw_opts": (dict(lr=3e-3, weight_decay=0.3, betas=(0.4, 0.99), eps=1e-3), ("value", 0.004)),
+    # exact=True: the manual AdamW's operation-for-operation torch mirror (a manual-only option)
+    "adamw_opts": (dict(lr=3e-3, weight_decay=0.3, betas=(0.4, 0.99), eps=1e-3, exact=True), ("value", 0.004)),
     # Nesterov momentum (needs dampening 0), max-norm clipping by the inf-norm, no weight decay (so no
     # groups either: the optimizer's default of one group over every parameter)
     "sgd_nesterov": (dict(lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.0), ("norm", 0.02, float("inf"))),
@@ -76,7 +77,10 @@ def make_optimizers(manual_optim, m, r, kind: str):
     family = optimizer_family(kind)
     cls = manual_optim.AdamW if family == "adamw" else manual_optim.SGD
     mo = cls(m.params, m.grads, groups=groups, **hp)
-    return mo, ropt.make_optimizer(r, kind=family, **hp)
+    return mo, ropt.make_optimizer(r, kind=family, **{k: v for k, v in hp.items() if k not in MANUAL_ONLY})
+
+
+MANUAL_ONLY = ("exact",)     # options of manual/optim.py that torch's optimizers do not have
 
 
 def optimizer_family(kind: str) -> str:
