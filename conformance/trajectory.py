@@ -40,6 +40,8 @@ OPTIMIZERS = {
     # beta1 0.4: lerp's weight 1 - beta1 >= 0.5 takes the other branch of optim._lerp_ (torch's too)
     # exact=True: the manual AdamW's operation-for-operation torch mirror (a manual-only option)
     "adamw_opts": (dict(lr=3e-3, weight_decay=0.3, betas=(0.4, 0.99), eps=1e-3, exact=True), ("value", 0.004)),
+    # beta1 0.3 on the fused (default, exact=False) path: its lerp's other branch (1 - beta1 >= 0.5)
+    "adamw_b1": (dict(lr=2e-3, weight_decay=0.05, betas=(0.3, 0.9), eps=1e-6), 0.5),
     # Nesterov momentum (needs dampening 0), max-norm clipping by the inf-norm, no weight decay (so no
     # groups either: the optimizer's default of one group over every parameter)
     "sgd_nesterov": (dict(lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.0), ("norm", 0.02, float("inf"))),
