@@ -133,17 +133,11 @@ def memory_checks(case, path, m, r, ids, targets, sides) -> list[Comparison]:
         del mm, rr, mo, ro
 
     # activations kept for backward
-    predicted = mmem.activation_bytes(cfg, B, T)
     m.forward(ids, targets)
-    measured = m.cache_bytes()
-    out.append(compare_exact(measured, predicted, tensor="activation bytes (manual caches vs closed form)",
-                             check="memory", config=lab))
-    ref_saved = ropt.activation_saved_bytes(r, ids, targets)
-    ratio = measured / ref_saved if ref_saved else float("inf")
-    out.append(Comparison(config=lab, check="memory", tensor="activation bytes ratio manual/reference",
-                          passed=bool(ratio <= 1.0), max_abs=float(ratio), max_rel=float(ratio), tol=1.0,
-                          rule="ratio <= 1", a_value=measured, b_value=ref_saved, scale=1.0,
-                          note=f"manual {measured} B vs autograd saved {ref_saved} B"))
+    out += activation_byte_checks(lab, m.cache_bytes(), mmem.activation_bytes(cfg, B, T),
+                                  ropt.activation_saved_bytes(r, ids, targets),
+                                  "activation bytes (manual caches vs closed form)",
+                                  "activation bytes ratio manual/reference")
 
     # transient peak of forward + backward, tracemalloc against the prediction
     predicted_peak = mmem.peak_bytes(cfg, B, T)
@@ -154,7 +148,64 @@ def memory_checks(case, path, m, r, ids, targets, sides) -> list[Comparison]:
                           max_rel=float(rel), tol=PEAK_TOLERANCE * predicted_peak,
                           rule="within 10% of predicted", a_value=measured_peak, b_value=predicted_peak,
                           scale=float(predicted_peak)))
+    out += recompute_checks(case, path, ids, targets, sides)
     return out
+
+
+def recompute_checks(case, path, ids, targets, sides) -> list[Comparison]:
+    """Activation recomputation (Model(..., recompute="blocks") on both sides), issue 14:
+      - manual: every parameter gradient and the loss with recompute equal those without, bit for bit
+        (the recomputed forward is the same arithmetic on the same block input);
+      - reference (torch.utils.checkpoint) with recompute against manual with recompute: the suite's
+        tolerances, per parameter gradient;
+      - manual activation bytes with recompute = manual.memory.activation_bytes(..., recompute="blocks"),
+        measured on the cached buffers themselves (manual.memory.cache_tensors), not through the
+        model's own cache_bytes() (which the recompute="none" check above reads);
+      - manual / reference activation bytes <= 1 with recompute (reference.optim.activation_saved_bytes:
+        checkpoint keeps each block's input through save_for_backward, so autograd's saved tensors
+        include them; tests/test_recompute.py checks that they do).
+    """
+    from manual import memory as mmem
+    from reference import optim as ropt
+
+    from .compare import compare
+
+    cfg, lab = case.cfg, case.name()
+    dt = np.dtype(cfg.dtype)
+    B, T = ids.shape
+    runs = {}
+    for mode in ("none", "blocks"):
+        m = sides.manual.load(path, recompute=mode)
+        loss = m.forward(ids, targets)
+        kept = sum(row["bytes"] for row in manual_cache_tensors(m))   # the cached buffers themselves
+        m.backward()
+        runs[mode] = (loss, kept, m.grads)
+    r = sides.reference.load(path, recompute="blocks")
+    r.forward(ids, targets)
+    r.backward()
+    (loss_n, _, g_n), (loss_b, kept_b, g_b) = runs["none"], runs["blocks"]
+    out = [compare_exact(loss_b, loss_n, tensor="loss (manual, recompute=blocks vs none)", check="memory",
+                         config=lab)]
+    for spec in reversed(registry.param_specs(cfg)):
+        name = spec.name
+        out.append(compare_exact(g_b[name], g_n[name], tensor=f"{name} grad (manual, recompute=blocks vs none)",
+                                 check="memory", config=lab))
+        out.append(compare(g_b[name], r.grads[name], tensor=f"{name} grad (recompute=blocks, manual vs reference)",
+                           check="memory", config=lab, expect_dtype=dt))
+    out += activation_byte_checks(lab, kept_b, mmem.activation_bytes(cfg, B, T, recompute="blocks"),
+                                  ropt.activation_saved_bytes(r, ids, targets),
+                                  "activation bytes, recompute=blocks (manual vs closed form)",
+                                  "activation bytes ratio manual/reference, recompute=blocks")
+    return out
+
+
+def activation_byte_checks(lab, measured, predicted, ref_saved, exact_name, ratio_name) -> list[Comparison]:
+    """Manual activation bytes = their closed form, and manual / reference (autograd's saved bytes) <= 1."""
+    ratio = measured / ref_saved if ref_saved else float("inf")
+    return [compare_exact(measured, predicted, tensor=exact_name, check="memory", config=lab),
+            Comparison(config=lab, check="memory", tensor=ratio_name, passed=bool(ratio <= 1.0), max_abs=float(ratio),
+                       max_rel=float(ratio), tol=1.0, rule="ratio <= 1", a_value=measured, b_value=ref_saved,
+                       scale=1.0, note=f"manual {measured} B vs autograd saved {ref_saved} B")]
 
 
 # -- per phase closed forms (tools/memprof.py) ---------------------------------------------------

@@ -25,6 +25,12 @@ With s = bytes per float (4 for float32, 8 for float64) and int64 ids (8 bytes):
     mtp.j          mtp.j.out (unembed.x), j = 2..k       s B T C      (dW_out = dlogits_j^T h_j; k = n_future)
     loss.j         softmax p, targets, j = 1..k          s B T V + 8 B T   (only when forward had targets)
 
+Activation recomputation (Model(cfg, recompute="blocks")): a block keeps only its input, so every
+`h.i.*` row above becomes one row
+    h.i            the block's input x (BlockInputCache)  s B T C      (backward reruns the block from it)
+and the total is about L s B T C plus what lies outside the blocks. During backward one block's
+caches exist at a time on top of that: `recompute_block_bytes` (the four h.i rows above, for one i).
+
 The transient peak of forward + backward is `peak_bytes` (above the parameters and gradient
 buffers) and `peak_bytes_closed_form` (everything): see their docstrings.
 
@@ -42,6 +48,7 @@ import numpy as np
 from .config import ModelConfig
 
 INT64 = 8
+RECOMPUTE = ("none", "blocks")     # Model(..., recompute=): what a block keeps for backward
 
 
 def _float_bytes(cfg: ModelConfig) -> int:
@@ -49,8 +56,29 @@ def _float_bytes(cfg: ModelConfig) -> int:
     return 4 if cfg.dtype == "float32" else 8
 
 
-def activation_breakdown(cfg: ModelConfig, B: int, T: int, with_targets: bool = True) -> dict[str, int]:
-    """Bytes cached for backward per layer, keyed like Model.cache_breakdown()."""
+def _check_recompute(recompute: str) -> None:
+    if recompute not in RECOMPUTE:
+        raise ValueError(f"recompute must be one of {RECOMPUTE}, got {recompute!r}")
+
+
+def kept_tap_names(cfg: ModelConfig, recompute: str = "none") -> list[str]:
+    """The taps a model keeps after forward (and whose gradients it keeps after backward), registry
+    order: all of them, or with recompute="blocks" those outside the blocks and the block outputs
+    h.{i}.out (the next block's input, kept anyway). Both implementations use this list."""
+    from .registry import tap_specs
+    _check_recompute(recompute)
+    names = [s.name for s in tap_specs(cfg)]
+    if recompute == "none":
+        return names
+    outs = {f"h.{i}.out" for i in range(cfg.n_layers)}
+    return [n for n in names if not n.startswith("h.") or n in outs]
+
+
+def activation_breakdown(cfg: ModelConfig, B: int, T: int, with_targets: bool = True,
+                         recompute: str = "none") -> dict[str, int]:
+    """Bytes cached for backward per layer, keyed like Model.cache_breakdown() (one 'h.{i}' entry per
+    block, its input, with recompute="blocks")."""
+    _check_recompute(recompute)
     s = _float_bytes(cfg)
     C, H, F, V = cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.vocab_size
     BT = B * T
@@ -60,7 +88,10 @@ def activation_breakdown(cfg: ModelConfig, B: int, T: int, with_targets: bool = 
     mlp = s * (BT * C + BT * F * (1 if cfg.activation == "relu" else 2))
     out = {"embed": INT64 * BT}
     for i in range(cfg.n_layers):
-        out.update({f"h.{i}.ln_1": ln, f"h.{i}.attn": attn, f"h.{i}.ln_2": ln, f"h.{i}.mlp": mlp})
+        if recompute == "blocks":
+            out[f"h.{i}"] = s * BT * C
+        else:
+            out.update({f"h.{i}.ln_1": ln, f"h.{i}.attn": attn, f"h.{i}.ln_2": ln, f"h.{i}.mlp": mlp})
     out["ln_f"] = ln
     out["lm_head"] = s * BT * C
     for j in range(2, cfg.n_future + 1):
@@ -71,8 +102,9 @@ def activation_breakdown(cfg: ModelConfig, B: int, T: int, with_targets: bool = 
     return out
 
 
-def activation_bytes(cfg: ModelConfig, B: int, T: int, with_targets: bool = True) -> int:
-    """Total bytes the manual forward keeps for backward:
+def activation_bytes(cfg: ModelConfig, B: int, T: int, with_targets: bool = True, recompute: str = "none") -> int:
+    """Total bytes the manual forward keeps for backward (with recompute="blocks" each block's
+    L * (...) term below is replaced by s B T C, its input):
 
         8 B T (ids)
       + L * s * (2 (B T C + B T)                  two layer norms
@@ -82,7 +114,14 @@ def activation_bytes(cfg: ModelConfig, B: int, T: int, with_targets: bool = True
       + (n_future - 1) s B T C                    extra heads' outputs
       + n_future (s B T V + 8 B T)                losses (with targets)
     """
-    return sum(activation_breakdown(cfg, B, T, with_targets).values())
+    return sum(activation_breakdown(cfg, B, T, with_targets, recompute).values())
+
+
+def recompute_block_bytes(cfg: ModelConfig, B: int, T: int) -> int:
+    """recompute="blocks": bytes of the one block's caches that backward rebuilds at a time (on top of
+    activation_bytes(..., recompute="blocks") during backward): the h.0.* rows of activation_breakdown."""
+    rows = activation_breakdown(cfg, B, T, with_targets=False)
+    return sum(v for k, v in rows.items() if k.startswith("h.0."))
 
 
 def held_after_forward_bytes(cfg: ModelConfig, B: int, T: int) -> int:

@@ -21,6 +21,23 @@ the model, and replacing an entry with a new array of the same shape and dtype w
 raises a ValueError listing every problem). `model.grads` is allocated once; zero_grad fills
 it with zeros in place.
 
+Activation recomputation (`Model(cfg, recompute="blocks")`; default "none"): each block keeps only
+its input x (B, T, C) from the forward; backward runs that block's forward again from x, then its
+backward, so at most one block's caches exist at a time. Costs about one extra forward per step;
+saves all but L*B*T*C of the blocks' cached activations (manual.memory.activation_breakdown states
+both). The gradients are bit-identical to recompute="none" (the recomputed forward is the same
+arithmetic on the same input). Keeping every tap would keep what recomputation frees, so in this
+mode `model.taps` and `model.tap_grads` hold only the taps outside the blocks and the block
+boundaries h.{i}.out (manual.memory.kept_tap_names).
+
+Workspace (`Model(cfg, workspace=True)`; default False): every layer writes its outputs, gradients and
+scratch into named arrays of `model.workspace` (manual/layers/workspace.py), made at the first step of a
+batch shape and reused by every later step: a steady-state step then allocates almost nothing
+(tests/test_alloc.py counts it). The price: model.taps, model.tap_grads and model.logits are views
+into the workspace, overwritten by the next forward (copy what you keep). Without it (the default)
+every forward returns fresh arrays. With recompute="blocks" the blocks do not use the workspace (it
+would keep every block's arrays, which recomputation frees).
+
 Debug mode (`Model(cfg, debug=True)`, or set `model.debug = True`): the "assert versions" of
 forward / backward / zero_grad. After forward every tap is finite and of its registered shape
 and dtype; after backward every tap gradient and parameter gradient is too, and no parameter
@@ -40,11 +57,18 @@ from .config import ModelConfig
 from .layers import (FLASH_BLOCK, BlockCache, EmbeddingCache, LayerNormCache, LinearCache, LossCache, block_backward,
                      block_forward, embedding_backward, embedding_forward, layernorm_backward, layernorm_forward,
                      linear_backward, linear_forward, loss_backward, loss_forward, unembed_backward, unembed_forward)
+from .layers.workspace import Workspace, empty, ws_kw
+from .memory import RECOMPUTE
 from .registry import future_targets, init_params, param_count, param_shapes, param_specs, tap_shapes, tap_specs
 
 
 class DebugCheckError(AssertionError):
     """A debug-mode check failed; the message names the tensor."""
+
+
+class BlockInputCache(NamedTuple):
+    """recompute="blocks": all a block keeps from the forward; backward runs block_forward(x) again."""
+    x: np.ndarray              # (B, T, C) the block's input (embed.out or the previous block's out)
 
 
 class MTPCache(NamedTuple):
@@ -57,7 +81,7 @@ class MTPCache(NamedTuple):
 class ForwardCache:
     """Everything the last forward kept for backward (and nothing else)."""
     embed: EmbeddingCache
-    blocks: list[BlockCache]   # one per layer
+    blocks: list[BlockCache] | list[BlockInputCache]   # one per layer (BlockInputCache: recompute="blocks")
     ln_f: LayerNormCache
     head: LinearCache          # unembed cache of head 1: x = xf (B, T, C), W = W_out
     mtp: list[MTPCache]        # per extra head j = 2..k
@@ -66,9 +90,13 @@ class ForwardCache:
 
     def layers(self) -> list[tuple[str, tuple]]:
         """(layer name, that layer's cache) in forward order, named as manual.memory.activation_breakdown
-        names them ('embed', 'h.0.ln_1', 'h.0.attn', ..., 'ln_f', 'lm_head', 'mtp.2', 'loss.1', ...)."""
+        names them ('embed', 'h.0.ln_1', 'h.0.attn', ..., 'ln_f', 'lm_head', 'mtp.2', 'loss.1', ...); with
+        recompute="blocks" a block is one entry 'h.{i}' (its input)."""
         out = [("embed", self.embed)]
         for i, blk in enumerate(self.blocks):
+            if isinstance(blk, BlockInputCache):
+                out.append((f"h.{i}", blk))
+                continue
             out += [(f"h.{i}.ln_1", blk.ln_1), (f"h.{i}.attn", blk.attn), (f"h.{i}.ln_2", blk.ln_2),
                     (f"h.{i}.mlp", blk.mlp)]
         out += [("ln_f", self.ln_f), ("lm_head", self.head)]
@@ -119,9 +147,14 @@ class Model:
     """A decoder-only transformer in NumPy with hand-written backward passes (see the module docstring)."""
 
     def __init__(self, cfg: ModelConfig, seed: int = 0, *, debug: bool = False, flash_block: int = FLASH_BLOCK,
-                 _params: dict | None = None):
+                 recompute: str = "none", workspace: bool = False, _params: dict | None = None):
         check_model_args(cfg)
+        if recompute not in RECOMPUTE:
+            raise ValueError(f"recompute must be one of {RECOMPUTE}, got {recompute!r}")
         self.cfg = cfg
+        self.recompute = recompute
+        self.use_workspace = bool(workspace)
+        self.workspace: Workspace | None = None   # made by the first forward (use_workspace), one batch shape
         self.debug = bool(debug)
         self.flash_block = int(flash_block)   # keys per block of 'flash' attention
         self.params = init_params(cfg, seed) if _params is None else _params
@@ -134,7 +167,7 @@ class Model:
             offset += arr.size
         self._dtype = np.dtype(cfg.dtype)
         self._param_shapes = param_shapes(cfg)
-        self._tap_names = [s.name for s in tap_specs(cfg)]
+        self._tap_names = memory.kept_tap_names(cfg, recompute)
         self._block_names: list | None = None     # per block: (short, full) parameter names, see _block
         self._cache: ForwardCache | None = None
         self.taps: dict[str, np.ndarray] = {}
@@ -186,23 +219,30 @@ class Model:
         p, L, k = self.params, cfg.n_layers, cfg.n_future
         W_out = p["transformer.wte.weight"] if cfg.tie_embeddings else p["lm_head.weight"]     # (V, C)
         taps = {}
+        ws = self._workspace(ids.shape)        # None without workspace=True
+        ws_blocks = None if self.recompute == "blocks" else ws
 
-        x, c_embed = embedding_forward(ids, p["transformer.wte.weight"], p["transformer.wpe.weight"])  # (B, T, C)
+        x, c_embed = embedding_forward(ids, p["transformer.wte.weight"], p["transformer.wpe.weight"],
+                                       **ws_kw(ws, "embed"))                         # (B, T, C)
         taps["embed.out"] = x
         c_blocks = []
         for i in range(L):
-            x, t, c = block_forward(x, self._block(p, i), cfg, self.flash_block)     # (B, T, C)
+            x_in = x
+            x, t, c = block_forward(x, self._block(p, i), cfg, self.flash_block, **ws_kw(ws_blocks, f"h.{i}"))
+            if self.recompute == "blocks":      # keep the input only; t and c are dropped here
+                t, c = {"out": x}, BlockInputCache(x_in)
             taps.update({f"h.{i}.{name}": v for name, v in t.items()})
             c_blocks.append(c)
         xf, c_lnf = layernorm_forward(x, p["transformer.ln_f.weight"], p.get("transformer.ln_f.bias"),
-                                      cfg.ln_eps)                                     # (B, T, C)
+                                      cfg.ln_eps, **ws_kw(ws, "ln_f"))               # (B, T, C)
         taps["ln_f.out"] = xf
-        logits, c_head = unembed_forward(xf, W_out)                                   # (B, T, V)
+        logits, c_head = unembed_forward(xf, W_out, **ws_kw(ws, "lm_head"))          # (B, T, V)
         taps["logits"] = logits
         head_logits, c_mtp = [logits], []
         for j in range(2, k + 1):
-            h_j, c_lin = linear_forward(xf, p[f"mtp.{j}.weight"], p.get(f"mtp.{j}.bias"))  # (B, T, C)
-            logits_j, c_un = unembed_forward(h_j, W_out)                              # (B, T, V)
+            h_j, c_lin = linear_forward(xf, p[f"mtp.{j}.weight"], p.get(f"mtp.{j}.bias"),
+                                        **ws_kw(ws, f"mtp.{j}"))                     # (B, T, C)
+            logits_j, c_un = unembed_forward(h_j, W_out, **ws_kw(ws, f"mtp.{j}.logits"))  # (B, T, V)
             taps[f"mtp.{j}.out"], taps[f"mtp.{j}.logits"] = h_j, logits_j
             head_logits.append(logits_j)
             c_mtp.append(MTPCache(c_lin, c_un))
@@ -212,7 +252,7 @@ class Model:
             c_loss, n_valid, losses = [], [], []
             for j in range(1, k + 1):
                 (loss_j, n_j), c = loss_forward(head_logits[j - 1], future_targets(targets, j, cfg.pad_id),
-                                                cfg.pad_id, cfg.temperature, cfg.loss)
+                                                cfg.pad_id, cfg.temperature, cfg.loss, **ws_kw(ws, f"loss.{j}"))
                 c_loss.append(c)
                 n_valid.append(n_j)
                 if n_j:
@@ -223,7 +263,10 @@ class Model:
         self.taps = {name: taps[name] for name in self._tap_names}
         self._cache = ForwardCache(c_embed, c_blocks, c_lnf, c_head, c_mtp, c_loss, n_valid)
         if self.debug:
-            self._check_all("forward", self.taps, tap_shapes(cfg, *ids.shape), "tap")
+            self._check_all("forward", self.taps, self._kept(tap_shapes(cfg, *ids.shape)), "tap")
+            if self.loss is not None and not np.isfinite(self.loss):
+                raise DebugCheckError(f"debug: after forward, the loss is {self.loss} although every tap is finite "
+                                      f"(the loss's own {self._dtype} arithmetic overflowed)")
         return self.loss
 
     # -- backward ---------------------------------------------------------------------------------
@@ -235,6 +278,8 @@ class Model:
         g, L, k = self.grads, cfg.n_layers, cfg.n_future
         dW_out = g["transformer.wte.weight"] if cfg.tie_embeddings else g["lm_head.weight"]    # (V, C)
         rec = {}
+        ws = self.workspace                    # the forward's (None without workspace=True)
+        ws_blocks = None if self.recompute == "blocks" else ws
 
         # The seed: loss = (1 / n_active) * sum over active heads of loss_j (the mean over heads), so the
         # backward of that mean sends dloss / n_active to each active head and 0 to a head without targets.
@@ -243,38 +288,48 @@ class Model:
         dloss_head = [dloss / n_active if n else 0.0 for n in c.n_valid]
 
         xf = c.head.x
-        dxf = np.zeros_like(xf)                                                       # (B, T, C) sum over heads
+        dxf = empty(ws, "ln_f.dout", xf.shape, xf.dtype)                             # (B, T, C) sum over heads
+        dxf.fill(0)
         for j in range(k, 1, -1):
             c_mtp = c.mtp[j - 2]
             # loss_j = loss(logits_j / temperature, targets shifted by j - 1)
-            dlogits_j = loss_backward(dloss_head[j - 1], c.loss[j - 1])               # (B, T, V)
+            dlogits_j = loss_backward(dloss_head[j - 1], c.loss[j - 1], **ws_kw(ws, f"loss.{j}"))   # (B, T, V)
             # logits_j = h_j @ W_out^T        (W_out: contribution of head j)
-            dh_j = unembed_backward(dlogits_j, c_mtp.unembed, dW_out)                 # (B, T, C)
+            dh_j = unembed_backward(dlogits_j, c_mtp.unembed, dW_out, **ws_kw(ws, f"mtp.{j}.logits"))  # (B, T, C)
             # h_j = xf @ mtp.j.weight + mtp.j.bias
-            dxf += linear_backward(dh_j, c_mtp.linear, g[f"mtp.{j}.weight"], g.get(f"mtp.{j}.bias"))
+            dxf += linear_backward(dh_j, c_mtp.linear, g[f"mtp.{j}.weight"], g.get(f"mtp.{j}.bias"),
+                                   **ws_kw(ws, f"mtp.{j}"))
             rec[f"mtp.{j}.logits"], rec[f"mtp.{j}.out"] = dlogits_j, dh_j
         # loss_1 = loss(logits / temperature, targets)
-        dlogits = loss_backward(dloss_head[0], c.loss[0])                             # (B, T, V)
+        dlogits = loss_backward(dloss_head[0], c.loss[0], **ws_kw(ws, "loss.1"))   # (B, T, V)
         rec["logits"] = dlogits
         # logits = xf @ W_out^T               (W_out: contribution of head 1)
-        dxf += unembed_backward(dlogits, c.head, dW_out)                              # (B, T, C)
+        dxf += unembed_backward(dlogits, c.head, dW_out, **ws_kw(ws, "lm_head"))    # (B, T, C)
         rec["ln_f.out"] = dxf
         # xf = LN_f(x)
-        dx = layernorm_backward(dxf, c.ln_f, g["transformer.ln_f.weight"], g.get("transformer.ln_f.bias"))
+        dx = layernorm_backward(dxf, c.ln_f, g["transformer.ln_f.weight"], g.get("transformer.ln_f.bias"),
+                                **ws_kw(ws, "ln_f"))
         for i in range(L - 1, -1, -1):
             # x = block_i(x)
             rec[f"h.{i}.out"] = dx
-            rec_i = {}
-            dx = block_backward(dx, c.blocks[i], self._block(g, i), record=rec_i)    # (B, T, C)
+            rec_i, c_i = {}, c.blocks[i]
+            if isinstance(c_i, BlockInputCache):   # recompute="blocks": this block's forward again, from its input
+                _, _, c_i = block_forward(c_i.x, self._block(self.params, i), cfg, self.flash_block)
+                rec_i = None                       # its inner tap gradients are not kept either
+            dx = block_backward(dx, c_i, self._block(g, i), record=rec_i, **ws_kw(ws_blocks, f"h.{i}"))  # (B, T, C)
+            del c_i                                # recompute: at most one block's caches live at a time
+            rec_i = rec_i or {}
             rec.update({f"h.{i}.{name}": v for name, v in rec_i.items()})
         rec["embed.out"] = dx
         # x = wte[ids] + wpe[:T]. Tied: dwte already holds the output projection's contribution(s) from
         # above; the lookup's contribution is added to the SAME buffer here (the two uses of one matrix).
-        embedding_backward(dx, c.embed, g["transformer.wte.weight"], g["transformer.wpe.weight"])
+        embedding_backward(dx, c.embed, g["transformer.wte.weight"], g["transformer.wpe.weight"],
+                           **ws_kw(ws, "embed"))
 
         self.tap_grads = {name: rec[name] for name in self._tap_names}
         if self.debug:
-            self._check_all("backward", self.tap_grads, tap_shapes(cfg, *c.embed.ids.shape), "gradient of tap")
+            self._check_all("backward", self.tap_grads, self._kept(tap_shapes(cfg, *c.embed.ids.shape)),
+                            "gradient of tap")
             self._check_all("backward", self.grads, self._param_shapes, "gradient of", nonzero=True)
 
     def zero_grad(self) -> None:
@@ -309,6 +364,18 @@ class Model:
             self._block_names = [[(name[len(f"transformer.h.{j}."):], name) for name in self._param_shapes
                                   if name.startswith(f"transformer.h.{j}.")] for j in range(self.cfg.n_layers)]
         return {short: d[full] for short, full in self._block_names[i]}
+
+    def _workspace(self, batch_shape) -> Workspace | None:
+        """The workspace of this batch shape (a new one replaces the old at a new shape); None without."""
+        if not self.use_workspace:
+            return None
+        if self.workspace is None or self.workspace.batch_shape != tuple(batch_shape):
+            self.workspace = Workspace(batch_shape)
+        return self.workspace
+
+    def _kept(self, shapes: dict) -> dict:
+        """{name: shape} of the taps this model keeps (all of them unless recompute="blocks")."""
+        return {name: shapes[name] for name in self._tap_names}
 
     @property
     def forward_cache(self) -> ForwardCache | None:

@@ -5,6 +5,8 @@
 both implementations the same way:
 
     Model(cfg, seed=0)               parameters = manual.registry.init_params(cfg, seed)
+    Model(cfg, recompute="blocks")   blocks under torch.utils.checkpoint (reference/model.py); also
+                                     from_params / load's keyword
     Model.from_params(cfg, params)   a copy of {canonical name: ndarray}, checked first
     Model.load(path) / model.save(path)   through manual/checkpoint.py (safetensors)
     model.forward(ids, targets=None) -> float loss (None without targets)
@@ -28,7 +30,8 @@ import torch
 from manual.checkpoint import load_model, save_model
 from manual.config import ModelConfig
 from manual.checks import LiveParams, check_call_order, check_model_args
-from manual.registry import init_params, param_shapes, tap_specs
+from manual.memory import kept_tap_names
+from manual.registry import init_params, param_shapes
 
 from .model import GPT, build, canonical_parameters, export_params, load_params
 
@@ -80,31 +83,33 @@ def check_targets(cfg: ModelConfig, targets, shape: tuple) -> np.ndarray:
 class Model:
     """The reference model behind the shared Model interface (NumPy in, NumPy out)."""
 
-    def __init__(self, cfg: ModelConfig, seed: int = 0):
+    def __init__(self, cfg: ModelConfig, seed: int = 0, *, recompute: str = "none"):
         check_model_args(cfg)
-        self._setup(cfg, init_params(cfg, seed))
+        self._setup(cfg, init_params(cfg, seed), recompute)
 
     @classmethod
-    def from_params(cls, cfg: ModelConfig, params: dict[str, np.ndarray]) -> "Model":
+    def from_params(cls, cfg: ModelConfig, params: dict[str, np.ndarray], *, recompute: str = "none") -> "Model":
         """A model holding a copy of `params` (checked: every name, shape and dtype)."""
         self = cls.__new__(cls)
-        self._setup(cfg, params)
+        self._setup(cfg, params, recompute)
         return self
 
     @classmethod
-    def load(cls, path) -> "Model":
+    def load(cls, path, *, recompute: str = "none") -> "Model":
         cfg, params, _extras, _metadata = load_model(path)
-        return cls.from_params(cfg, params)
+        return cls.from_params(cfg, params, recompute=recompute)
 
     def save(self, path, extra_tensors=None, extra_metadata=None) -> None:
         save_model(path, self.cfg, export_params(self.module), extra_tensors, extra_metadata)
 
-    def _setup(self, cfg: ModelConfig, params: dict[str, np.ndarray]) -> None:
+    def _setup(self, cfg: ModelConfig, params: dict[str, np.ndarray], recompute: str = "none") -> None:
         check_model_args(cfg, params)
         self.cfg = cfg
-        self._tap_names = [s.name for s in tap_specs(cfg)]    # registry order, checked after every forward
+        self.recompute = recompute
+        # registry order (only the block outputs inside the blocks with recompute="blocks"), checked after every forward
+        self._tap_names = kept_tap_names(cfg, recompute)
         self._shapes = param_shapes(cfg)
-        self.module: GPT = build(cfg)
+        self.module: GPT = build(cfg, recompute)
         load_params(self.module, params)
         self._params = canonical_parameters(self.module)        # {name: Parameter}, registry order
         for p in self._params.values():                           # grads always exist (zeros, not None)

@@ -10,7 +10,8 @@ Shape legend: B batch, T time, C = d_model, H heads, D head size, F = d_ff, V vo
 S = max_seq_len, L layers.
 
 Exact formulas (the same ones manual/ states):
-    LayerNorm   (x - mean) / sqrt(biased var + ln_eps) * weight + bias     (nn.LayerNorm)
+    LayerNorm   (x - mean) / sqrt(biased var + ln_eps) * weight + bias     (nn.LayerNorm; float64 for
+                float32 rows whose variance would overflow, see LayerNorm below)
     linear      y = x @ W + b with W stored [in, out]                       (Conv1D below)
     attention   att = (q @ k^T) * (1 / sqrt(D)); probs = softmax(att with j > i set to -inf)
     gelu        0.5 x (1 + erf(x / sqrt 2))                                 F.gelu(approximate='none')
@@ -23,6 +24,12 @@ Exact formulas (the same ones manual/ states):
 Taps: `GPT.forward(..., taps=dict)` fills `taps` with the named intermediate tensors of
 manual.registry.tap_specs(cfg), in forward order, and calls `retain_grad()` on each, so
 after `loss.backward()` every tap's `.grad` is d loss / d tap.
+
+Activation recomputation (`GPT(cfg, recompute="blocks")`, default "none"): each block runs under
+torch.utils.checkpoint (use_reentrant=False), which keeps the block's input and runs the block's
+forward again inside backward, as manual's Model(cfg, recompute="blocks") does. Taps inside the
+blocks are then not recorded (keeping them would keep what recomputation frees): only the block
+outputs h.{i}.out and the taps outside the blocks (manual.memory.kept_tap_names).
 
 Weight layout (the checked one-to-one copy in `load_params` / `export_params`): no transposes
 are needed, because both sides store every weight in the canonical layout. Conv1D weights
@@ -39,9 +46,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from manual.checkpoint import CheckpointError, check_params
 from manual.config import ModelConfig
+from manual.memory import RECOMPUTE
 from manual.registry import future_targets, param_specs
 
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -60,6 +69,19 @@ def _tap(taps: dict | None, name: str, t: torch.Tensor) -> torch.Tensor:
 def causal_mask(S: int) -> torch.Tensor:
     """(S, S) bool, True where key j is in the future of query i (j > i): those scores become -inf."""
     return torch.triu(torch.ones(S, S, dtype=torch.bool), diagonal=1)
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm, but a float32 input large enough for its sum of squares to overflow is normalised
+    in float64 and cast back. torch's float32 kernel gives xhat = 0 there (rstd = 1/inf; |x| ~ 1e19) or
+    NaN (|x| ~ 1e21), where the true result is finite; manual's layernorm_forward rescales those rows."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bound = 4 * x.shape[-1] * float(x.detach().abs().amax()) ** 2     # >= sum_c (x_c - mean)^2
+        if x.dtype == torch.float32 and not bound < torch.finfo(torch.float32).max:   # (nan included)
+            w, b = (None if t is None else t.double() for t in (self.weight, self.bias))
+            return F.layer_norm(x.double(), self.normalized_shape, w, b, self.eps).float()
+        return super().forward(x)
+
 
 class Conv1D(nn.Module):
     """y = x @ weight + bias with weight stored [in, out], as in GPT-2 / Hugging Face's Conv1D."""
@@ -134,9 +156,9 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.pre = cfg.norm == "pre"
-        self.ln_1 = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps, bias=cfg.bias)
+        self.ln_1 = LayerNorm(cfg.d_model, eps=cfg.ln_eps, bias=cfg.bias)
         self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps, bias=cfg.bias)
+        self.ln_2 = LayerNorm(cfg.d_model, eps=cfg.ln_eps, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, taps: dict | None = None, name: str = "h.0") -> torch.Tensor:
@@ -159,15 +181,18 @@ class GPT(nn.Module):
     loads manual.registry.init_params(cfg, seed) instead, so both sides start equal.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, recompute: str = "none"):
         super().__init__()
+        if recompute not in RECOMPUTE:
+            raise ValueError(f"recompute must be one of {RECOMPUTE}, got {recompute!r}")
         self.cfg = cfg
+        self.recompute = recompute
         C = cfg.d_model
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(cfg.vocab_size, C),                         # (V, C)
             wpe=nn.Embedding(cfg.max_seq_len, C),                        # (S, C)
             h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)]),
-            ln_f=nn.LayerNorm(C, eps=cfg.ln_eps, bias=cfg.bias),
+            ln_f=LayerNorm(C, eps=cfg.ln_eps, bias=cfg.bias),
         ))
         self.lm_head = nn.Linear(C, cfg.vocab_size, bias=False)          # weight (V, C): logits = x @ W^T
         if cfg.tie_embeddings:
@@ -189,7 +214,12 @@ class GPT(nn.Module):
         pos = torch.arange(T, dtype=torch.long)                                         # (T,)
         x = _tap(taps, "embed.out", self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, taps, f"h.{i}")                                                # (B, T, C)
+            if self.recompute == "none":
+                x = block(x, taps, f"h.{i}")                                            # (B, T, C)
+            elif torch.is_grad_enabled():   # keeps x; the block's forward runs again in backward
+                x = _tap(taps, f"h.{i}.out", checkpoint(block, x, None, f"h.{i}", use_reentrant=False))
+            else:
+                x = _tap(taps, f"h.{i}.out", block(x, None, f"h.{i}"))                  # (B, T, C)
         x = _tap(taps, "ln_f.out", self.transformer.ln_f(x))                            # (B, T, C)
         heads = [_tap(taps, "logits", self.lm_head(x))]                                 # (B, T, V)
         for j in range(2, cfg.n_future + 1):
@@ -270,13 +300,13 @@ def export_params(module: GPT) -> dict[str, np.ndarray]:
     return out
 
 
-def build(cfg: ModelConfig) -> GPT:
+def build(cfg: ModelConfig, recompute: str = "none") -> GPT:
     """A GPT of `cfg` in cfg.dtype with uninitialised Parameters (fill them with load_params).
 
     Built on the meta device, so no time goes into an initialisation that is overwritten.
     """
     with torch.device("meta"):
-        module = GPT(cfg)
+        module = GPT(cfg, recompute)
     module = module.to_empty(device="cpu").to(TORCH_DTYPES[cfg.dtype])
     mask = causal_mask(cfg.max_seq_len)
     for block in module.transformer.h:          # buffers are emptied by to_empty too: rebuild the mask

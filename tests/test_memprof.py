@@ -138,9 +138,27 @@ def test_dry_run_gpt2_small(tmp_path, capsys):
     cfg = ModelConfig.preset("gpt2-small")
     assert d["activations"] == mmem.activation_bytes(cfg, 8, 1024)
     assert d["peak"] == 4 * P * 4 + mmem.peak_bytes(cfg, 8, 1024)
-    assert "nothing allocated" in capsys.readouterr().out
+    # recompute="blocks": the block inputs (L B T C floats) and what lies outside the blocks
+    rec = mmem.activation_bytes(cfg, 8, 1024, recompute="blocks")
+    assert d["activations_recompute_blocks"] == rec < d["activations"] / 5
+    assert rec - mmem.activation_bytes(cfg, 8, 1024, recompute="blocks", with_targets=False) \
+        == 8 * 1024 * (4 * cfg.vocab_size + 8)
+    assert d["activations_recompute_blocks_in_backward"] == rec + mmem.recompute_block_bytes(cfg, 8, 1024)
+    out = capsys.readouterr().out
+    assert "nothing allocated" in out and 'recompute="blocks"' in out and f"{rec:,} B" in out
     sgd = memprof.dry_run(cfg, 1, 64, "sgd")
     assert sgd["optimizer_state"] == 4 * P
+
+
+def test_recompute_side_by_side(tiny):
+    """Both modes, both implementations: closed form = manual caches, manual / reference <= 1, and
+    recompute keeps less."""
+    rec = tiny[0]["conformance"]["recompute"]
+    assert list(rec) == list(mmem.RECOMPUTE)
+    for row in rec.values():
+        assert row["manual"] == row["closed_form"]
+        assert row["ratio"] == row["manual"] / row["reference"] <= 1
+    assert rec["blocks"]["manual"] < rec["none"]["manual"] and rec["blocks"]["reference"] < rec["none"]["reference"]
 
 
 def test_gpt2_small_real_run_is_refused_with_the_numbers(capsys):
@@ -203,6 +221,9 @@ def test_churn_table(tiny):
     assert all(":" in s["site"] and s["count"] > 0 for s in c["top_sites"])
     assert sum(s["count"] for s in c["top_sites"]) <= c["allocations"]
     assert result["churn"]["reference"]["allocations"] > 0
+    # Model(cfg, workspace=True): the same step without the plain path's large arrays
+    ws = result["churn"]["manual_workspace"]
+    assert c["allocations_over_64k"] > 0 and ws["allocations_over_64k"] == 0 and ws["bytes"] < c["bytes"]
 
 
 def _allocate_800_bytes():

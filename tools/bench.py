@@ -6,7 +6,7 @@
     python tools/bench.py --preset medium --profile step              # cProfile of the manual step
 
 Sides (all on the same weights, batch and AdamW hyperparameters, decay groups, clip 1.0):
-    manual      manual.Model + manual.optim.AdamW + clip_grad_norm_ (NumPy, hand-written backward)
+    manual      manual.Model(workspace=True) + manual.optim.AdamW + clip_grad_norm_ (NumPy, hand-written backward)
     reference   reference.Model: our PyTorch oracle, with its taps, retain_grad and NumPy copies
     plain       reference/plain.py: the same GPT as a PyTorch user writes it (nn.Linear, F.layer_norm,
                 F.scaled_dot_product_attention, torch.optim.AdamW with torch's defaults), no
@@ -100,14 +100,17 @@ def make_sides(cfg, ids, targets, names) -> tuple[dict, dict]:
     params = init_params(cfg, seed=0)
     sides, skipped = {}, {}
     if "manual" in names:
-        m = manual.Model.from_params(cfg, params)
+        # workspace=True: every layer reuses preallocated arrays across steps (manual/layers/workspace.py);
+        # bit-identical to the plain path, and what a user training with manual/ would switch on
+        m = manual.Model.from_params(cfg, params, workspace=True)
         mo = manual.optim.AdamW(m.params, m.grads, lr=LR, groups=decay_groups(cfg, WEIGHT_DECAY))
 
         def m_opt():
             manual.optim.clip_grad_norm_(m.grads, CLIP)
             mo.step()
         sides["manual"] = Side("manual", mo.zero_grad, lambda: m.forward(ids, targets), m.backward, m_opt,
-                               state=lambda: (sum(cmem.manual_bytes(m, mo).values()), []))
+                               state=lambda: (sum(cmem.manual_bytes(m, mo).values())
+                                              + (m.workspace.nbytes() if m.workspace is not None else 0), []))
     if "reference" in names:
         r = reference.Model.from_params(cfg, params)
         ro = ropt.make_optimizer(r, kind="adamw", lr=LR, weight_decay=WEIGHT_DECAY)

@@ -222,15 +222,22 @@ class NumpyAllocationCounter:
     _KEEP: list = []
     _SLOT_SET_HANDLER = 304
 
+    LARGE = 64 * 1024      # bytes: larger arrays are mapped fresh from the OS by malloc (issue 14's count)
+
     def __init__(self):
         self.count = 0
         self.bytes = 0
+        self.large_count = 0                     # allocations over LARGE bytes, and their bytes
+        self.large_bytes = 0
         self.sites: dict[str, list[int]] = {}   # "file: function" -> [count, bytes]
         self._previous = None
 
     def _record(self, size: int) -> None:
         self.count += 1
         self.bytes += size
+        if size > self.LARGE:
+            self.large_count += 1
+            self.large_bytes += size
         frame = sys._getframe(2)
         while frame is not None and not (frame.f_code.co_filename.startswith(str(ROOT))
                                          and "site-packages" not in frame.f_code.co_filename):
@@ -303,17 +310,21 @@ def churn(cfg, ids, targets, optimizer: str, impls, steps_before: int = 2) -> di
     """Allocations of one steady-state training step (zero_grad, forward, backward, optimizer step),
     after `steps_before` steps so that the optimizer state and every lazy buffer already exist.
 
-    manual: every NumPy allocation (NumpyAllocationCounter), its bytes, the top sites (file: function),
-    and the step's tracemalloc peak above its start. reference: the torch storages operators create
-    in the step (TorchTensorTracker) and their bytes.
+    manual: every NumPy allocation (NumpyAllocationCounter), its bytes, those over 64 KiB, the top sites
+    (file: function), and the step's tracemalloc peak above its start; "manual_workspace" the same for
+    Model(cfg, workspace=True) (manual/layers/workspace.py: arrays reused across steps). reference: the
+    torch storages operators create in the step (TorchTensorTracker) and their bytes.
     """
     import manual
     import reference
 
     out = {}
-    for impl in impls:
-        model = (manual.Model if impl == "manual" else reference.Model)(cfg, seed=0)
-        opt = cmem.memory_optimizer(impl, model, optimizer)
+    runs = [run for impl in impls for run in ([impl, "manual_workspace"] if impl == "manual" else [impl])]
+    for impl in runs:
+        side = "manual" if impl.startswith("manual") else "reference"
+        kwargs = {"workspace": True} if impl == "manual_workspace" else {}
+        model = (manual.Model if side == "manual" else reference.Model)(cfg, seed=0, **kwargs)
+        opt = cmem.memory_optimizer(side, model, optimizer)
 
         def step(model=model, opt=opt):
             opt.zero_grad()
@@ -324,7 +335,7 @@ def churn(cfg, ids, targets, optimizer: str, impls, steps_before: int = 2) -> di
         for _ in range(steps_before):
             step()
         gc.collect()
-        if impl == "manual":
+        if side == "manual":
             tracemalloc.start()
             try:
                 base, _ = tracemalloc.get_traced_memory()
@@ -334,6 +345,7 @@ def churn(cfg, ids, targets, optimizer: str, impls, steps_before: int = 2) -> di
             finally:
                 tracemalloc.stop()
             out[impl] = {"allocations": counter.count, "bytes": counter.bytes, "peak_above_start": peak - base,
+                         "allocations_over_64k": counter.large_count, "bytes_over_64k": counter.large_bytes,
                          "top_sites": counter.top(10)}
         else:
             existing = [p for p in model.torch_params.values()] + [p.grad for p in model.torch_params.values()] + \
@@ -465,7 +477,11 @@ def dry_run(cfg, B: int, T: int, optimizer: str) -> dict:
     closed = cmem.closed_forms(cfg, optimizer)
     act = mmem.activation_bytes(cfg, B, T)
     transient = mmem.peak_bytes(cfg, B, T)
+    act_rec, block = mmem.activation_bytes(cfg, B, T, recompute="blocks"), mmem.recompute_block_bytes(cfg, B, T)
     return {"parameters_count": param_count(cfg), **closed, "activations": act,
+            # recompute="blocks": block inputs + the rest kept, and one block's caches more during backward
+            "activations_recompute_blocks": act_rec, "recompute_one_block": block,
+            "activations_recompute_blocks_in_backward": act_rec + block,
             "forward_backward_transient": transient,
             "peak": closed["parameters"] + closed["gradients"] + closed["optimizer_state"] + transient,
             "source": "closed forms (manual/memory.py, conformance/memory.py); nothing allocated"}
@@ -504,6 +520,31 @@ def conformance_figures(cfg, ids, targets, optimizer: str, impls) -> dict:
         ro.step()
         out["reference_bytes"] = cmem.reference_bytes(r, ro)
         out["reference_saved_bytes"] = ropt.activation_saved_bytes(reference.Model(cfg, seed=0), ids, targets)
+    out["recompute"] = recompute_figures(cfg, ids, targets, impls)
+    return out
+
+
+def recompute_figures(cfg, ids, targets, impls) -> dict:
+    """Activation bytes kept for backward in both modes side by side: {mode: {closed_form, manual,
+    reference, ratio}} for recompute "none" and "blocks" (manual: its caches; reference: autograd's saved
+    tensors, which hold the block inputs torch.utils.checkpoint keeps)."""
+    import manual
+    import reference
+    from reference import optim as ropt
+
+    B, T = ids.shape
+    out = {}
+    for mode in mmem.RECOMPUTE:
+        row = {"closed_form": mmem.activation_bytes(cfg, B, T, recompute=mode)}
+        if "manual" in impls:
+            m = manual.Model(cfg, seed=0, recompute=mode)
+            m.forward(ids, targets)
+            row["manual"] = m.cache_bytes()
+        if "reference" in impls:
+            row["reference"] = ropt.activation_saved_bytes(reference.Model(cfg, seed=0, recompute=mode), ids, targets)
+        if "manual" in row and "reference" in row:
+            row["ratio"] = row["manual"] / row["reference"]
+        out[mode] = row
     return out
 
 
@@ -601,9 +642,11 @@ def print_saved(result) -> None:
 def print_churn(result) -> None:
     print("\nchurn: allocations in one steady-state training step (zero_grad, forward, backward, optimizer step)")
     for impl, c in result["churn"].items():
-        what = "NumPy allocations" if impl == "manual" else "torch storages"
-        print(f"  {impl:<10} {c['allocations']:>6,} {what}, {human(c['bytes'])} allocated in total, "
+        what = "NumPy allocations" if impl.startswith("manual") else "torch storages"
+        print(f"  {impl:<16} {c['allocations']:>6,} {what}, {human(c['bytes'])} allocated in total, "
               f"peak {human(c['peak_above_start'])} above the step's start")
+        if "allocations_over_64k" in c:
+            print(f"  {'':<16} {c['allocations_over_64k']:>6,} of them over 64 KiB, {human(c['bytes_over_64k'])}")
         for s in c.get("top_sites", []):
             print(f"      {s['count']:>5} x  {human(s['bytes']):>11}  {s['site']}")
 
@@ -623,12 +666,22 @@ def print_conformance(result) -> None:
               f"({p['rel_diff']:+.1%}, tolerance {p['tolerance']:.0%})")
     if "reference_saved_bytes" in c:
         print(f"  reference autograd saved bytes {c['reference_saved_bytes']:,}")
+    rec = c["recompute"]
+    print("  activation bytes kept for backward, recompute=none | recompute=blocks:")
+    for key in ("closed_form", "manual", "reference", "ratio"):
+        if key in rec["none"]:
+            cells = [f"{rec[mode][key]:.3f}" if key == "ratio" else f"{rec[mode][key]:,}" for mode in rec]
+            print(f"    {key:<12} " + " | ".join(f"{cell:>14}" for cell in cells))
 
 
 def print_dry_run(name, B, T, d) -> None:
     print(f"{name} at B={B}, T={T} ({d['parameters_count']:,} parameters), from the closed forms, nothing allocated:")
     for key in ("parameters", "gradients", "optimizer_state", "activations", "forward_backward_transient", "peak"):
         print(f"  {key:<28} {d[key]:>18,} B  {human(d[key]):>12}")
+    print(f"  with recompute=\"blocks\" (Model(cfg, recompute=\"blocks\"), both sides), activations kept "
+          f"{d['activations_recompute_blocks']:,} B ({human(d['activations_recompute_blocks'])}), "
+          f"{d['activations_recompute_blocks_in_backward']:,} B ({human(d['activations_recompute_blocks_in_backward'])}) "
+          f"with the one block backward rebuilds, against {human(d['activations'])} without")
 
 
 def print_sweep(s) -> None:

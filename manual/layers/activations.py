@@ -14,6 +14,12 @@ Caches (what backward needs, see manual/layers/mlp.py for who holds them):
     relu       ReluCache(y): the output (relu'(x) = [y > 0], so the input is not needed)
     gelu       GeluCache(x, y): the input and the output (y is the MLP's c_proj input anyway; Phi(x) = y / x)
     gelu_tanh  GeluTanhCache(x): the input (the derivative is a function of x)
+
+`ws` (manual/layers/workspace.py): with a Workspace the output and dx are the layer's named arrays
+and every intermediate goes into shared scratch arrays, updated in place: GELU and its backward run
+without a chain of temporaries (each `a * b + c` of the formula would otherwise be one fresh
+(B, T, F) array). The plain formula is in each docstring; the in-place lines compute it operation for
+operation in the same order, so the results are the same bits.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .special import CHUNK, erf, workspace
+from .workspace import empty, out, scratch
 
 
 class ReluCache(NamedTuple):
@@ -40,15 +47,16 @@ class GeluTanhCache(NamedTuple):
 
 # -- relu --------------------------------------------------------------------------------------
 
-def relu_forward(x):
+def relu_forward(x, ws=None):
     """y = max(x, 0).  (...) -> (...)."""
-    y = np.maximum(x, 0)                                      # (...) same dtype as x (0 is a weak scalar)
+    y = np.maximum(x, 0, out=out(ws, "y", x.shape, x.dtype))  # (...) same dtype as x (0 is a weak scalar)
     return y, ReluCache(y)
 
 
-def relu_backward(dy, cache):
+def relu_backward(dy, cache, ws=None):
     """dx = dy * [x > 0] = dy * [y > 0]  (0 at x == 0, as PyTorch)."""
-    return dy * (cache.y > 0)                                 # (...)
+    positive = np.greater(cache.y, 0, out=scratch(ws, dy.shape, np.bool_))   # (...)
+    return np.multiply(dy, positive, out=out(ws, "dx", dy.shape, dy.dtype))  # (...)
 
 
 # -- gelu (erf) -------------------------------------------------------------------------------
@@ -56,19 +64,19 @@ _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
-def gelu_forward(x):
+def gelu_forward(x, ws=None):
     """y = 0.5 x (1 + erf(x / sqrt 2)) = x Phi(x).  (...) -> (...).
 
     float32 input is computed in float32, with erf's float32 path; y is then within a few ulp of
     x Phi(x), as any float32 evaluation of this formula (PyTorch's included).
     """
-    y = erf(x, scale=_INV_SQRT2, offset=1.0)                   # (...) 1 + erf(x / sqrt 2), x's dtype
+    y = erf(x, scale=_INV_SQRT2, offset=1.0, out=out(ws, "y", x.shape, x.dtype), ws=ws)  # (...) 1 + erf(x / sqrt 2)
     y *= x
     y *= 0.5                                                   # 0.5 x (1 + erf(x / sqrt 2))
     return y, GeluCache(x, y)
 
 
-def gelu_backward(dy, cache):
+def gelu_backward(dy, cache, ws=None):
     """dx = dy * (Phi(x) + x phi(x)),  Phi(x) = 0.5 (1 + erf(x / sqrt 2)), phi(x) = exp(-x^2 / 2) / sqrt(2 pi).
 
     Phi(x) is recovered as y / x (0.5 at x == 0) rather than by evaluating erf again: y is cached
@@ -78,10 +86,10 @@ def gelu_backward(dy, cache):
     Computed in the input's dtype, chunk by chunk into preallocated work arrays (speed, as erf).
     """
     x, y = cache.x, cache.y
-    dx = np.empty(x.shape, dtype=x.dtype)                      # (...) C order, so dxf below is a view
+    dx = empty(ws, "dx", x.shape, x.dtype)                     # (...) C order, so dxf below is a view
     xf, yf, dyf, dxf = x.reshape(-1), y.reshape(-1), dy.reshape(-1), dx.reshape(-1)
-    cdfw, pdfw = workspace(xf.size, 2, x.dtype)
-    (nzw,) = workspace(xf.size, 1, np.bool_)
+    cdfw, pdfw = workspace(xf.size, 2, x.dtype, ws)
+    (nzw,) = workspace(xf.size, 1, np.bool_, ws)
     for start in range(0, xf.size, CHUNK):
         sl, n = slice(start, start + CHUNK), min(CHUNK, xf.size - start)
         xc, cdf, pdf, nz = xf[sl], cdfw[:n], pdfw[:n], nzw[:n]
@@ -103,18 +111,52 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _GELU_K = 0.044715
 
 
-def gelu_tanh_forward(x):
-    """y = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).  (...) -> (...)."""
-    t = np.tanh(_SQRT_2_OVER_PI * (x + _GELU_K * x * x * x))   # (...)
-    return 0.5 * x * (1.0 + t), GeluTanhCache(x)               # (...)
+def _tanh_u(x, t):
+    """t = tanh(sqrt(2/pi) (x + 0.044715 x x x)), computed in place in t (x's shape)."""
+    np.multiply(x, _GELU_K, out=t)                             # 0.044715 x
+    t *= x
+    t *= x                                                     # 0.044715 x x x
+    t += x
+    t *= _SQRT_2_OVER_PI                                       # u
+    return np.tanh(t, out=t)
 
 
-def gelu_tanh_backward(dy, cache):
-    """dx = dy * (0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2))."""
+def gelu_tanh_forward(x, ws=None):
+    """y = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).  (...) -> (...).
+
+    Plain form:  t = np.tanh(sqrt(2/pi) * (x + 0.044715 * x * x * x));  y = 0.5 * x * (1.0 + t)
+    """
+    t = _tanh_u(x, np.empty_like(x) if ws is None else scratch(ws, x.shape, x.dtype))   # (...)
+    t += 1.0
+    y = np.multiply(x, 0.5, out=out(ws, "y", x.shape, x.dtype))   # 0.5 x
+    y *= t                                                     # 0.5 x (1 + t)
+    return y, GeluTanhCache(x)                                 # (...)
+
+
+def gelu_tanh_backward(dy, cache, ws=None):
+    """dx = dy * (0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)).
+
+    Plain form:  du = sqrt(2/pi) * (1.0 + 3.0 * 0.044715 * x * x)
+                 dx = dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du)
+    t is recomputed: caching it would cost B*T*F more.
+    """
     x = cache.x
-    t = np.tanh(_SQRT_2_OVER_PI * (x + _GELU_K * x * x * x))   # (...) recomputed: caching t would cost B*T*F more
-    du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_K * x * x)       # (...)
-    return dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du)  # (...)
+    t, du, b, tt = (np.empty_like(x) if ws is None else scratch(ws, x.shape, x.dtype, slot) for slot in range(4))
+    _tanh_u(x, t)                                              # (...) t
+    np.multiply(x, 3.0 * _GELU_K, out=du)
+    du *= x
+    du += 1.0
+    du *= _SQRT_2_OVER_PI                                      # du
+    np.multiply(t, t, out=tt)
+    np.subtract(1.0, tt, out=tt)                               # 1 - t t
+    np.multiply(x, 0.5, out=b)                                 # 0.5 x
+    b *= tt
+    b *= du                                                    # 0.5 x (1 - t t) du
+    t += 1.0
+    t *= 0.5                                                   # 0.5 (1 + t)
+    t += b
+    return np.multiply(dy, t, out=out(ws, "dx", x.shape, x.dtype))   # (...)
+
 
 
 ACTIVATIONS = {

@@ -8,12 +8,18 @@
 Cache: LinearCache(x, W). x is the layer's input activation (kept for dW); W is a reference to
 the parameter (no bytes of its own; memory accounting counts parameters separately).
 Leading dimensions are flattened so every product is one matrix multiply (one BLAS call).
+
+`ws` (manual/layers/workspace.py): None allocates every result (the plain path); a Workspace makes
+each product write into the layer's named arrays instead (y, dx) and x^T dy into a shared scratch
+before the +=, which saves one fresh array per product per step.
 """
 from __future__ import annotations
 
 from typing import NamedTuple
 
 import numpy as np
+
+from .workspace import out, scratch
 
 
 class LinearCache(NamedTuple):
@@ -22,34 +28,39 @@ class LinearCache(NamedTuple):
     W: np.ndarray              # the weight (the parameter itself, not a copy), for dx
 
 
-def linear_forward(x, W, b=None):
+def linear_forward(x, W, b=None, ws=None):
     """y = x @ W + b.   x (..., I), W (I, O), b (O,) -> y (..., O)."""
-    y = x.reshape(-1, x.shape[-1]) @ W                         # (N, O), N = product of leading dims
+    x2 = x.reshape(-1, x.shape[-1])                            # (N, I) view, N = product of leading dims
+    y = np.matmul(x2, W, out=out(ws, "y", (x2.shape[0], W.shape[1]), x.dtype))   # (N, O)
     if b is not None:
         y += b
     return y.reshape(*x.shape[:-1], W.shape[1]), LinearCache(x, W)  # (..., O)
 
 
-def linear_backward(dy, cache, dW, db=None):
+def linear_backward(dy, cache, dW, db=None, ws=None):
     """Returns dx; accumulates dW += x^T dy and db += sum(dy) into the caller's buffers."""
     x, W = cache.x, cache.W
     dy2 = dy.reshape(-1, dy.shape[-1])                         # (N, O) view
     x2 = x.reshape(-1, x.shape[-1])                            # (N, I) view
-    dW += x2.T @ dy2                                           # (I, O)
+    dW += np.matmul(x2.T, dy2, out=scratch(ws, dW.shape, dW.dtype))   # (I, O)
     if db is not None:
         db += dy2.sum(axis=0)                                  # (O,)
-    return (dy2 @ W.T).reshape(x.shape)                        # (..., I)
+    dx = np.matmul(dy2, W.T, out=out(ws, "dx", x2.shape, dy.dtype))   # (N, I)
+    return dx.reshape(x.shape)                                 # (..., I)
 
 
-def unembed_forward(x, W):
+def unembed_forward(x, W, ws=None):
     """y = x @ W^T.   x (..., C), W (V, C) -> y (..., V)."""
-    y = x.reshape(-1, x.shape[-1]) @ W.T                       # (N, V)
+    x2 = x.reshape(-1, x.shape[-1])                            # (N, C) view
+    y = np.matmul(x2, W.T, out=out(ws, "y", (x2.shape[0], W.shape[0]), x.dtype))  # (N, V)
     return y.reshape(*x.shape[:-1], W.shape[0]), LinearCache(x, W)  # (..., V)
 
 
-def unembed_backward(dy, cache, dW):
+def unembed_backward(dy, cache, dW, ws=None):
     """Returns dx = dy @ W; accumulates dW += dy^T x (note: [V, C], the transpose of a linear's dW)."""
     x, W = cache.x, cache.W
     dy2 = dy.reshape(-1, dy.shape[-1])                         # (N, V) view
-    dW += dy2.T @ x.reshape(-1, x.shape[-1])                   # (V, C)
-    return (dy2 @ W).reshape(x.shape)                          # (..., C)
+    x2 = x.reshape(-1, x.shape[-1])                            # (N, C) view
+    dW += np.matmul(dy2.T, x2, out=scratch(ws, dW.shape, dW.dtype))   # (V, C)
+    dx = np.matmul(dy2, W, out=out(ws, "dx", x2.shape, dy.dtype))     # (N, C)
+    return dx.reshape(x.shape)                                 # (..., C)

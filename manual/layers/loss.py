@@ -15,12 +15,16 @@ Backward, for an upstream scalar gradient dloss (w = dloss / n on valid position
 
 Cache: LossCache: p (B*T*V, for dz) and targets (B*T int64, 8 bytes each), with the scalars
 that define the loss; valid is recomputed from targets (B*T bools) instead of being cached.
+`ws`: an optional Workspace (manual/layers/workspace.py): p and dlogits are then its named arrays
+(cross entropy; brier allocates as without one).
 """
 from __future__ import annotations
 
 from typing import NamedTuple
 
 import numpy as np
+
+from .workspace import out
 
 
 class LossCache(NamedTuple):
@@ -39,10 +43,10 @@ def _onehot_subtract(x, targets, w):
     np.put_along_axis(x, idx, picked - np.asarray(w, dtype=x.dtype)[..., None], axis=-1)
 
 
-def loss_forward(logits, targets, pad_id, temperature, kind="cross_entropy"):
+def loss_forward(logits, targets, pad_id, temperature, kind="cross_entropy", ws=None):
     """Returns (loss, n) and the cache. loss is a 0-d array of logits' dtype (nan when n == 0)."""
     dtype = logits.dtype
-    z = logits / temperature                                   # (B, T, V) (temperature: weak Python float)
+    z = np.divide(logits, temperature, out=out(ws, "p", logits.shape, dtype))   # (B, T, V) (weak Python float)
     z -= z.max(axis=-1, keepdims=True)                         # shifted so exp(z) <= 1
     valid = targets != pad_id                                  # (B, T)
     n = int(valid.sum())
@@ -65,7 +69,7 @@ def loss_forward(logits, targets, pad_id, temperature, kind="cross_entropy"):
     return (np.asarray(loss, dtype=dtype), n), LossCache(p, targets, pad_id, temperature, kind, n)
 
 
-def loss_backward(dloss, cache):
+def loss_backward(dloss, cache, ws=None):
     """dloss: the upstream gradient of this head's loss (a Python float). Returns dlogits (B, T, V)."""
     p, targets = cache.p, cache.targets
     if cache.n == 0:                                           # a head without targets adds nothing
@@ -73,7 +77,7 @@ def loss_backward(dloss, cache):
     # w = dloss / n on valid positions, 0 on PAD; / temperature is the backward of z = logits / temperature
     w = (targets != cache.pad_id).astype(p.dtype) * (dloss / (cache.n * cache.temperature))  # (B, T)
     if cache.kind == "cross_entropy":
-        dz = p * w[..., None]                                  # (B, T, V)
+        dz = np.multiply(p, w[..., None], out=out(ws, "dlogits", p.shape, p.dtype))   # (B, T, V)
         _onehot_subtract(dz, targets, w)                       # w (p - onehot)
     else:
         e = p.copy()                                           # (B, T, V)

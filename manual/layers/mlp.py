@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 from .activations import ACTIVATIONS, GeluCache, GeluTanhCache, ReluCache
 from .linear import LinearCache, linear_backward, linear_forward
+from .workspace import ws_kw
 
 
 class MLPCache(NamedTuple):
@@ -27,27 +28,28 @@ class MLPCache(NamedTuple):
     activation: str            # 'relu', 'gelu' or 'gelu_tanh'
 
 
-def mlp_forward(m, W1, b1, W2, b2, activation):
-    """Returns (fc, act, out) and the cache (fc and act are the taps mlp.fc, mlp.act)."""
+def mlp_forward(m, W1, b1, W2, b2, activation, ws=None):
+    """Returns (fc, act, out) and the cache (fc and act are the taps mlp.fc, mlp.act). `ws`: an
+    optional Workspace (manual/layers/workspace.py), one scope per layer."""
     f_forward, _ = ACTIVATIONS[activation]
-    fc, c_fc = linear_forward(m, W1, b1)                       # (B, T, F)
-    act, c_act = f_forward(fc)                                 # (B, T, F)
-    out, c_proj = linear_forward(act, W2, b2)                  # (B, T, C)
+    fc, c_fc = linear_forward(m, W1, b1, **ws_kw(ws, "c_fc"))        # (B, T, F)
+    act, c_act = f_forward(fc, **ws_kw(ws, "f"))                      # (B, T, F)
+    out, c_proj = linear_forward(act, W2, b2, **ws_kw(ws, "c_proj"))  # (B, T, C)
     return (fc, act, out), MLPCache(c_fc, c_act, c_proj, activation)
 
 
-def mlp_backward(dout, cache, dW1, db1, dW2, db2, record=None):
+def mlp_backward(dout, cache, dW1, db1, dW2, db2, record=None, ws=None):
     """Returns dm (B, T, C); accumulates the four parameter gradients.
 
     If `record` is a dict, the intermediate gradients are stored in it as 'act' and 'fc'.
     """
     _, f_backward = ACTIVATIONS[cache.activation]
     # out = act W2 + b2
-    dact = linear_backward(dout, cache.c_proj, dW2, db2)       # (B, T, F)
+    dact = linear_backward(dout, cache.c_proj, dW2, db2, **ws_kw(ws, "c_proj"))   # (B, T, F)
     # act = f(fc)
-    dfc = f_backward(dact, cache.f)                            # (B, T, F)
+    dfc = f_backward(dact, cache.f, **ws_kw(ws, "f"))                          # (B, T, F)
     # fc = m W1 + b1
-    dm = linear_backward(dfc, cache.c_fc, dW1, db1)            # (B, T, C)
+    dm = linear_backward(dfc, cache.c_fc, dW1, db1, **ws_kw(ws, "c_fc"))      # (B, T, C)
     if record is not None:
         record["act"], record["fc"] = dact, dfc
     return dm

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .workspace import scratch
+
 _ERX = 8.45062911510467529297e-01
 _PP = (1.28379167095512558561e-01, -3.25042107247001499370e-01, -2.84817495755985104766e-02,
        -5.77027029648944159157e-03, -2.37630166566501626084e-05)
@@ -56,7 +58,7 @@ _ERF32_SMALL = (0.12837916612625122, -0.3761258125305176, 0.11282824724912643, -
 _SMALL = 0.84375 * 0.84375          # x^2 below this: the first interval (729/1024, exact in float32)
 
 
-def erf(x: np.ndarray, *, scale: float = 1.0, offset: float = 0.0) -> np.ndarray:
+def erf(x: np.ndarray, *, scale: float = 1.0, offset: float = 0.0, out=None, ws=None) -> np.ndarray:
     """offset + erf(scale * x), elementwise; x float32 or float64, any shape; returns x's dtype.
 
     Accuracy: float64 within ~1 ulp of the exact value. float32: within 1 ulp where |scale x| <
@@ -67,7 +69,8 @@ def erf(x: np.ndarray, *, scale: float = 1.0, offset: float = 0.0) -> np.ndarray
     Speed: the first interval's formula is evaluated on every entry in chunks of CHUNK entries
     (the ~20 passes of its polynomials stay in the L2 cache); the entries of the other intervals
     (the tails) are then gathered once and evaluated together. nan stays nan, +-inf gives
-    offset +- 1.
+    offset +- 1. `out` (x's shape and dtype) receives the result; `ws` (a Workspace) lends the
+    chunk scratch arrays (manual/layers/workspace.py; None: fresh ones).
     """
     x = np.asarray(x)
     if x.dtype not in (np.float32, np.float64):
@@ -75,8 +78,9 @@ def erf(x: np.ndarray, *, scale: float = 1.0, offset: float = 0.0) -> np.ndarray
     scale, offset = float(scale), float(offset)                # Python floats: weak, keep x's dtype
     small = _small_f32 if x.dtype == np.float32 else _small_f64
     xf = x.reshape(-1)                                         # (N,)
-    out = np.empty(xf.shape, dtype=x.dtype)                    # (N,)
-    u, z, q = workspace(xf.size, 3, x.dtype)
+    result = np.empty(x.shape, dtype=x.dtype) if out is None else out
+    out = result.reshape(-1)                                   # (N,) view
+    u, z, q = workspace(xf.size, 3, x.dtype, ws)
     tails = []
     with np.errstate(over="ignore", invalid="ignore"):         # see _small_f64: overwritten entries only
         for start in range(0, xf.size, CHUNK):
@@ -92,7 +96,7 @@ def erf(x: np.ndarray, *, scale: float = 1.0, offset: float = 0.0) -> np.ndarray
         e = _tails(ut)
         e += offset
         out[tail] = e                                          # float64 -> x's dtype, explicit cast
-    return out.reshape(x.shape)
+    return result
 
 
 # Speed: CHUNK entries per pass, every pass writing into a few preallocated work arrays of one
@@ -102,9 +106,12 @@ def erf(x: np.ndarray, *, scale: float = 1.0, offset: float = 0.0) -> np.ndarray
 CHUNK = 32768
 
 
-def workspace(n: int, count: int, dtype) -> list[np.ndarray]:
-    """`count` scratch arrays for chunks of up to min(n, CHUNK) entries."""
-    return [np.empty(min(n, CHUNK), dtype=dtype) for _ in range(count)]
+def workspace(n: int, count: int, dtype, ws=None) -> list[np.ndarray]:
+    """`count` scratch arrays for chunks of up to min(n, CHUNK) entries: fresh ones, or with a
+    Workspace `ws` its shared scratch arrays (slots 0 .. count - 1)."""
+    if ws is None:
+        return [np.empty(min(n, CHUNK), dtype=dtype) for _ in range(count)]
+    return [scratch(ws, (min(n, CHUNK),), dtype, slot) for slot in range(count)]
 
 
 def _poly(coeffs, x, out=None):

@@ -8,6 +8,8 @@ and which side is to blame.
     python -m tools.layerdiff --steps 5                        # then 5 AdamW steps, step by step
     python -m tools.layerdiff --export-case case/             # checkpoint + batch for your own port
     python -m tools.layerdiff --case case/ --against my_port_dump.safetensors
+    python -m tools.layerdiff --case case/ --against dump.safetensors --layout llmc   # nanoGPT / llm.c layouts
+    python -m tools.layerdiff --case case/ --against gpt2_124M_debug_state.bin        # an llm.c debug state
     python -m tools.layerdiff --zoo --json zoo.json            # every fault of tools/faults.py
     python -m tools.layerdiff --list-faults
 

@@ -14,7 +14,7 @@ from manual.config import PRESETS, ModelConfig
 from tools._args import CHECKPOINT_NAME, int_at_least
 from tools._cli import cli, output_dir, output_file, write_output
 
-from .dump import export_case, load_dump
+from .dump import LAYOUTS, OURS, against_llmc_state, export_case, is_llmc_state, load_dump, where_in_layout
 from .report import plot, print_report
 from .session import debug
 from .walk import Setup, cfg_label, make_setup
@@ -27,8 +27,13 @@ CFG_FLAGS = ("dtype", "norm", "activation", "attention", "loss", "n_layers", "d_
              "max_seq_len", "vocab_size", "n_future", "temperature", "ln_eps", "pad_id")
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):          # one line and exit status 2 (--help shows the flags)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tools.layerdiff", description=DESCRIPTION,
+    p = _Parser(prog="python -m tools.layerdiff", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="See the README section \"Debugging a gradient bug\" for a walk-through.")
     g = p.add_argument_group("model and weights")
@@ -62,7 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--list-faults", action="store_true")
     w.add_argument("--zoo", nargs="*", metavar="NAME", help="run every fault (or the ones named)")
     w.add_argument("--workers", type=int_at_least(1), default=2, help="processes for --zoo (default 2)")
-    w.add_argument("--against", metavar="FILE", help="compare a dump (.safetensors/.npz) against the reference")
+    w.add_argument("--against", metavar="FILE",
+                   help="compare a dump (.safetensors/.npz) against the reference; or an llm.c debug state "
+                        "(magic 20240327, e.g. gpt2_124M_debug_state.bin): its logits, loss and every parameter "
+                        "gradient, on the state's own x, y, with the weights of --case/--checkpoint")
+    w.add_argument("--layout", default=OURS, metavar="|".join(LAYOUTS),
+                   help="the layout of the dump's grad.<param> tensors: ours (default; Hugging Face names, "
+                        "[in, out] matrices), nanogpt (nn.Linear [out, in] under nanoGPT's state-dict names, "
+                        "prefixes _orig_mod./module. stripped) or llmc (llm.c's 16 stacked tensors, grad.wte "
+                        "with V or padded Vp rows); mapped by manual/formats.py's table. Taps keep our names "
+                        "(docs/interop.md)")
     w.add_argument("--export-case", metavar="DIR", help="write checkpoint + batch + format README, then exit")
     w.add_argument("--no-blame", action="store_true", help="skip the finite-difference / recomputation check")
     o = p.add_argument_group("output")
@@ -179,6 +193,10 @@ def main(argv=None) -> int:
         if args.steps is None:
             args.steps = fault.opt_steps
     steps = args.steps or 0
+    if args.layout not in LAYOUTS:
+        p.error(f"--layout {args.layout!r}: unknown layout; expected one of {', '.join(LAYOUTS)}")
+    if args.layout != OURS and not args.against:
+        p.error(f"--layout {args.layout} says how a dump is laid out; give the dump with --against")
     if steps and args.against:
         p.error("--steps runs the manual optimizer; a dump (--against) holds one forward/backward only")
     try:
@@ -190,13 +208,22 @@ def main(argv=None) -> int:
         print(f"wrote {', '.join(str(w) for w in written)}")
         print(f"the format of the dump to produce: {Path(args.export_case) / 'README.txt'}")
         return 0
-    against = None
+    against, layout = None, args.layout
     if args.against:
         B, T = setup.ids.shape
         try:
-            against = load_dump(args.against, setup.cfg, B, T)
+            if is_llmc_state(args.against):
+                if args.layout not in (OURS, "llmc"):
+                    p.error(f"--layout {args.layout}: {args.against} is an llm.c debug state, in llm.c's layout")
+                setup, against, notes = against_llmc_state(args.against, setup)
+                layout = "llmc"
+                print("\n".join(notes))
+            else:
+                against = load_dump(args.against, setup.cfg, B, T, args.layout)
         except ValueError as exc:
             p.error(str(exc))
+        if args.layout != OURS:
+            setup.label += f" | {args.layout} layout"
     with warnings.catch_warnings():          # overflow in a broken side is a finding, reported in the table
         warnings.simplefilter("ignore", RuntimeWarning)
         if fault is not None:
@@ -206,6 +233,9 @@ def main(argv=None) -> int:
         else:
             rep = debug(setup, None, steps=steps, optimizer=args.optimizer, blame=not args.no_blame,
                         against=against)
+    in_dump = where_in_layout(rep.first.tensor, layout, rep.first.worst_index) if rep.first else None
+    if in_dump:                              # on the worst element's line (and in the JSON's note), in the dump's terms
+        rep.first.note = "; ".join(filter(None, [rep.first.note, f"in the dump's {layout} layout: {in_dump}"]))
     print_report(rep, diff_only=args.diff_only)
     if args.json:
         write_output(args.json, json.dumps(rep.as_json(), indent=1, default=str))
