@@ -106,8 +106,15 @@ def main(argv=None) -> int:
                    help="the full table, one line per configuration and check (-vv: one line per tensor)")
     p.add_argument("--jobs", "-j", type=int, default=os.cpu_count() or 1,
                    help="configurations checked in parallel, one process each (default: CPU count)")
+    p.add_argument("--coverage", action="store_true",
+                   help="run under coverage.py and print the line and branch coverage of the manual math "
+                        "(.coveragerc; conformance/power.py); added to --json")
     external.add_arguments(p)
     args = p.parse_args(argv)
+    if args.coverage:
+        from . import power
+        argv = list(sys.argv[1:] if argv is None else argv)
+        return power.main([a for a in argv if a != "--coverage"], args.json)
     if args.jobs < 1:
         p.error(f"--jobs must be >= 1, got {args.jobs}")
     if args.distributed is not None:

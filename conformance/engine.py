@@ -58,10 +58,13 @@ class Case:
     seed: int = 0
     batch: int = 2
     seq_len: int | None = None       # None: max_seq_len
-    pad: bool = True                 # put PAD among the targets
+    pad: bool | str = True           # PAD among the targets: True/'tail', False/'none', or a PAD_PATTERNS name
     opt_steps: int = OPT_STEPS
     gen_tokens: int = GEN_TOKENS
     train_steps: int = 0             # > 0: also the long training-equivalence check (float64 only)
+    flash_block: int | None = None   # keys per block of the manual side's flash attention (None: its default)
+    weight_scale: dict = field(default_factory=dict)   # parameter-name suffix -> factor applied at init (stress)
+    optimizers: tuple = trajectory.DEFAULT_OPTIMIZERS  # kinds of trajectory.OPTIMIZERS the optimizer check runs
 
     @property
     def T(self) -> int:
@@ -92,16 +95,31 @@ class Sides:
 
 # -- data -------------------------------------------------------------------------------
 
-def make_batch(cfg: ModelConfig, B: int, T: int, seed: int, pad: bool = True):
-    """Identical ids and targets for both sides. Targets avoid PAD except where placed on purpose."""
+PAD_PATTERNS = ("tail", "none", "scatter", "row", "first")
+
+
+def make_batch(cfg: ModelConfig, B: int, T: int, seed: int, pad: bool | str = True):
+    """Identical ids and targets for both sides. Targets avoid PAD except where placed on purpose:
+    pad True/'tail': the tail of the last row; False/'none': nowhere; 'scatter': every third
+    position; 'row': the whole first row (a row that adds nothing to the loss); 'first': all but the
+    first position of every row (the heads for 2+ tokens ahead get no target at all)."""
+    pattern = {True: "tail", False: "none"}.get(pad, pad)
+    if pattern not in PAD_PATTERNS:
+        raise ValueError(f"pad pattern {pad!r} is not one of {PAD_PATTERNS} (or True / False)")
     rng = np.random.default_rng(10_000 + seed)
     ids = rng.integers(0, cfg.vocab_size, size=(B, T), dtype=np.int64)              # (B, T)
     non_pad = np.array([v for v in range(cfg.vocab_size) if v != cfg.pad_id], dtype=np.int64)
     targets = non_pad[rng.integers(0, len(non_pad), size=(B, T))] if len(non_pad) else \
         np.full((B, T), cfg.pad_id, dtype=np.int64)                                 # (B, T)
-    if pad and T > 1:
+    if pattern == "tail" and T > 1:
         # the tail of the last row is padding, as a short final window would be
         targets[-1, T - max(1, T // 4):] = cfg.pad_id
+    elif pattern == "scatter":
+        targets.reshape(-1)[::3] = cfg.pad_id
+    elif pattern == "row":
+        targets[0] = cfg.pad_id
+    elif pattern == "first":
+        targets[:, 1:] = cfg.pad_id
     return ids, targets
 
 
@@ -171,8 +189,8 @@ def check_optimizer(case, path, sides: Sides) -> list[Comparison]:
     first failing step if it ever fails, else its worst passing step."""
     batches = trajectory_batches(case, case.opt_steps)
     out = []
-    for kind in trajectory.OPTIMIZERS:
-        m = sides.manual.load(path)
+    for kind in case.optimizers:
+        m = load_manual(case, path, sides)
         r = sides.reference.load(path)
         worst: dict[str, Comparison] = {}
         for step in trajectory.run(sides.manual_optim, m, r, kind, batches, label=case.name()):
@@ -211,6 +229,23 @@ def check_memory(case, path, m, r, ids, targets, sides: Sides) -> list[Compariso
 
 # -- one case ---------------------------------------------------------------------------------
 
+def load_manual(case: Case, path, sides: Sides):
+    """The manual side of `case` from the checkpoint at `path` (with the case's flash block, if set)."""
+    if case.flash_block is None:
+        return sides.manual.load(path)
+    return sides.manual.load(path, flash_block=case.flash_block)
+
+
+def init_params(case: Case) -> dict:
+    """The case's initial weights: registry.init_params, times case.weight_scale by name suffix."""
+    params = registry.init_params(case.cfg, case.seed)
+    for name, arr in params.items():
+        for suffix, factor in case.weight_scale.items():
+            if name.endswith(suffix):
+                arr *= arr.dtype.type(factor)
+    return params
+
+
 def run_case(case: Case, checks=CHECKS, sides: Sides | None = None, workdir=None) -> list[Comparison]:
     sides = sides or Sides.default()
     unknown = set(checks) - set(CHECKS)
@@ -218,8 +253,8 @@ def run_case(case: Case, checks=CHECKS, sides: Sides | None = None, workdir=None
         raise ValueError(f"unknown check(s) {sorted(unknown)}; choose from {CHECKS}")
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         path = Path(tmp) / "case.safetensors"
-        save_model(path, case.cfg, registry.init_params(case.cfg, case.seed))
-        m = sides.manual.load(path)
+        save_model(path, case.cfg, init_params(case))
+        m = load_manual(case, path, sides)
         r = sides.reference.load(path)
         ids, targets = make_batch(case.cfg, case.batch, case.T, case.seed, case.pad)
         out: list[Comparison] = []

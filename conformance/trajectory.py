@@ -6,7 +6,7 @@ Each step, in this order (the order the debugger reports the first divergence in
 
     loss                  the forward's loss
     grad.<p>              every parameter gradient, registry order
-    grad_norm             global-norm clipping (AdamW: clip 1.0), then clipped_grad.<p>
+    grad_norm             clipping (OPTIMIZERS; AdamW: global 2-norm 1.0), then clipped_grad.<p>
     param.<p>             every parameter after the step
     optim.<state>.<p>     the optimizer state (exp_avg, exp_avg_sq / momentum_buffer), registry order
 
@@ -24,14 +24,33 @@ from manual import registry
 
 from .compare import Comparison, compare, missing
 
-# kind -> (hyperparameters, global-norm clip or None).
+# kind -> (hyperparameters, clipping or None). Clipping: a number is global 2-norm clipping to it (the
+# two default kinds; conformance/external.py and the debugger read it so); ("norm", max_norm, norm_type)
+# clips by another norm (clip_grad_norm_), ("value", v) clamps every element to [-v, v] (clip_grad_value_).
 # lr 1e-3 is the tiny preset's (the blog's) rate. At 1e-2 this tiny model on random tokens
 # trains unstably (gradient norm jumping 1.6 -> 9.2) and any 1e-16 difference grows ~10x per
 # step in both dtypes: chaos, not a disagreement (measured; see README).
+# Every option of manual/optim.py is set away from its default by some kind (issue 16): the two
+# defaults run in every case; the others in the matrix's "optim_*" variants (conformance/matrix.py).
 OPTIMIZERS = {
     "adamw": (dict(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8), 1.0),
     "sgd": (dict(lr=0.1, momentum=0.9, weight_decay=0.01), None),
+    # betas, eps and weight decay all away from the others; clipping by value (elements of the
+    # tiny model's gradients reach ~0.05, so 0.004 clamps a good share of them)
+    # beta1 0.4: lerp's weight 1 - beta1 >= 0.5 takes the other branch of optim._lerp_ (torch's too)
+    # exact=True: the manual AdamW's operation-for-operation torch mirror (a manual-only option)
+    "adamw_opts": (dict(lr=3e-3, weight_decay=0.3, betas=(0.4, 0.99), eps=1e-3, exact=True), ("value", 0.004)),
+    # beta1 0.3 on the fused (default, exact=False) path: its lerp's other branch (1 - beta1 >= 0.5)
+    "adamw_b1": (dict(lr=2e-3, weight_decay=0.05, betas=(0.3, 0.9), eps=1e-6), 0.5),
+    # Nesterov momentum (needs dampening 0), max-norm clipping by the inf-norm, no weight decay (so no
+    # groups either: the optimizer's default of one group over every parameter)
+    "sgd_nesterov": (dict(lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.0), ("norm", 0.02, float("inf"))),
+    # dampening; clipping by the 1-norm
+    "sgd_dampening": (dict(lr=0.1, momentum=0.7, dampening=0.3, weight_decay=0.02), ("norm", 2.0, 1.0)),
+    # no momentum: the plain step (no state), clipping by a 3-norm
+    "sgd_plain": (dict(lr=0.2, weight_decay=0.05), ("norm", 0.5, 3.0)),
 }
+DEFAULT_OPTIMIZERS = ("adamw", "sgd")
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "momentum_buffer")   # the order state tensors are compared in
 
@@ -46,7 +65,7 @@ FORCED_NOTE = (
 
 def teacher_forced(kind: str, dtype) -> bool:
     """Is this trajectory teacher-forced (see FORCED_NOTE)?"""
-    return kind == "adamw" and np.dtype(dtype) == np.float32
+    return optimizer_family(kind) == "adamw" and np.dtype(dtype) == np.float32
 
 
 def make_optimizers(manual_optim, m, r, kind: str):
@@ -55,14 +74,41 @@ def make_optimizers(manual_optim, m, r, kind: str):
     from reference import optim as ropt
 
     hp, _clip = OPTIMIZERS[kind]
-    groups = registry.decay_groups(m.cfg, hp["weight_decay"])
-    if kind == "adamw":
-        mo = manual_optim.AdamW(m.params, m.grads, lr=hp["lr"], betas=hp["betas"], eps=hp["eps"],
-                                weight_decay=hp["weight_decay"], groups=groups)
-    else:
-        mo = manual_optim.SGD(m.params, m.grads, lr=hp["lr"], momentum=hp["momentum"],
-                              weight_decay=hp["weight_decay"], groups=groups)
-    return mo, ropt.make_optimizer(r, kind=kind, **hp)
+    # without weight decay every decay group has 0: one default group is the same optimizer
+    groups = registry.decay_groups(m.cfg, hp["weight_decay"]) if hp["weight_decay"] else None
+    family = optimizer_family(kind)
+    cls = manual_optim.AdamW if family == "adamw" else manual_optim.SGD
+    mo = cls(m.params, m.grads, groups=groups, **hp)
+    return mo, ropt.make_optimizer(r, kind=family, **{k: v for k, v in hp.items() if k not in MANUAL_ONLY})
+
+
+MANUAL_ONLY = ("exact",)     # options of manual/optim.py that torch's optimizers do not have
+
+
+def optimizer_family(kind: str) -> str:
+    """'adamw' or 'sgd': the optimizer class of an OPTIMIZERS kind."""
+    return kind.split("_")[0]
+
+
+def clip(manual_optim, m, r, spec):
+    """Clip both sides' gradients by `spec` (see OPTIMIZERS); returns (manual, reference) norms, or
+    None for clipping by value (no norm to compare)."""
+    import torch
+    from reference import optim as ropt
+
+    if isinstance(spec, (int, float)):
+        spec = ("norm", float(spec), 2.0)
+    if spec[0] == "value":      # (gradients as a list: the other input form of the clipping functions)
+        manual_optim.clip_grad_value_(list(m.grads.values()), spec[1])
+        ropt.clip_grad_value(r, spec[1])
+        return None
+    _, max_norm, norm_type = spec
+    if norm_type == 2.0:
+        return manual_optim.clip_grad_norm_(m.grads, max_norm), ropt.clip_grad_norm(r, max_norm)
+    # other norm types: torch's own clip_grad_norm_ (reference.optim.clip_grad_norm is the 2-norm)
+    norm_reference = torch.nn.utils.clip_grad_norm_(list(r._params.values()), max_norm, norm_type=norm_type,
+                                                    error_if_nonfinite=True, foreach=False)
+    return manual_optim.clip_grad_norm_(m.grads, max_norm, norm_type=norm_type), float(norm_reference)
 
 
 @dataclass
@@ -105,7 +151,7 @@ def run(manual_optim, m, r, kind: str, batches, label: str = "", snapshots: bool
 
     cfg = m.cfg
     dt = np.dtype(cfg.dtype)
-    _hp, clip = OPTIMIZERS[kind]
+    _hp, clip_spec = OPTIMIZERS[kind]
     mo, ro = make_optimizers(manual_optim, m, r, kind)
     forced = FORCED_NOTE if teacher_forced(kind, dt) else ""
     names = [s.name for s in registry.param_specs(cfg)]
@@ -138,10 +184,10 @@ def run(manual_optim, m, r, kind: str, batches, label: str = "", snapshots: bool
         if forced:
             for n, g in rg.items():
                 m.grads[n][...] = g
-        if clip is not None:
-            norm_manual = manual_optim.clip_grad_norm_(m.grads, clip)
-            norm_reference = ropt.clip_grad_norm(r, clip)
-            cmp(np.asarray(norm_manual, dt), np.asarray(norm_reference, dt), "grad_norm")
+        if clip_spec is not None:
+            norms = clip(manual_optim, m, r, clip_spec)
+            if norms is not None:
+                cmp(np.asarray(norms[0], dt), np.asarray(norms[1], dt), "grad_norm")
             rg = r.grads
             cmp_params(m.grads, rg, "clipped_grad", forced)
             if before is not None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from conformance.trajectory import OPTIMIZERS
+from conformance.trajectory import DEFAULT_OPTIMIZERS
 from manual import registry
 from manual.config import PRESETS, ModelConfig
 from tools._args import CHECKPOINT_NAME, int_at_least
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--targets", metavar="FILE.npy", help="their targets (default: ids shifted left, PAD last)")
     w = p.add_argument_group("what to run")
     w.add_argument("--steps", type=int_at_least(0), help="also walk N optimizer steps (default 0; a fault's own with --inject)")
-    w.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adamw")
+    w.add_argument("--optimizer", choices=DEFAULT_OPTIMIZERS, default="adamw")
     w.add_argument("--inject", metavar="NAME", help="inject a fault of the bug zoo into the manual side")
     w.add_argument("--list-faults", action="store_true")
     w.add_argument("--zoo", nargs="*", metavar="NAME", help="run every fault (or the ones named)")
