@@ -29,8 +29,9 @@ def _group_lines(items: list[Comparison], out) -> None:
             print("    " + c.line(), file=out)
 
 
-def summarize(results: list[Comparison], verbose: int = 0, out=sys.stdout) -> bool:
+def summarize(results: list[Comparison], verbose: int = 0, out=None) -> bool:
     """Print the results at the chosen detail (module docstring) and a verdict; True if all passed."""
+    out = sys.stdout if out is None else out        # looked up at call time (a default would freeze the stream)
     groups: dict[tuple, list[Comparison]] = defaultdict(list)
     configs: dict[str, list[Comparison]] = defaultdict(list)
     for c in results:
