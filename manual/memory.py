@@ -164,6 +164,17 @@ def param_bytes(cfg: ModelConfig) -> int:
     return (4 if cfg.dtype == "float32" else 8) * param_count(cfg)
 
 
+def sharded_adamw_state_bytes(cfg: ModelConfig, world: int) -> int:
+    """AdamW state bytes held by ONE rank under ZeRO-1 (parallel/zero.py, --shard-optimizer):
+    exp_avg and exp_avg_sq for a slice of S = ceil(P / world) elements of the flat parameter order
+    (the last slice padded with zeros up to S), against 2 P unsharded."""
+    if int(world) < 1:
+        raise ValueError(f"world must be a positive number of ranks, got {world}")
+    from .registry import param_count
+    S = -(-param_count(cfg) // int(world))                     # ceil(P / world)
+    return 2 * S * (4 if cfg.dtype == "float32" else 8)
+
+
 def peak_bytes(cfg: ModelConfig, B: int, T: int) -> int:
     """Transient peak of one forward + backward (with targets) ABOVE what was live before it.
 

@@ -231,3 +231,17 @@ def test_a_port_in_use_is_one_line():
                            capture_output=True, text=True, timeout=120)
     assert r.stdout.strip() == f"rank 0: the rendezvous port 127.0.0.1:{port} is already in use; pick another " \
                                f"(--rdzv-endpoint HOST:PORT or --master-port)", (r.stdout, r.stderr[-2000:])
+
+
+@pytest.mark.parametrize("world,rank", [(2, 0), (2, 1), (3, 2)])
+def test_zero1_state_per_rank_equals_its_closed_form(world, rank):
+    """memprof's --ranks figure (manual.memory.sharded_adamw_state_bytes) is what a rank of ZeroAdamW holds."""
+    import manual
+    from manual.memory import sharded_adamw_state_bytes
+    from manual.registry import decay_groups
+    from parallel.dp import Context
+    from parallel.zero import ZeroAdamW
+    cfg = ModelConfig(vocab_size=37, max_seq_len=8, d_model=12, n_heads=2, d_ff=20, n_layers=2, dtype="float32")
+    opt = ZeroAdamW(manual.Model(cfg, seed=0), Context(rank=rank, world=world), groups=decay_groups(cfg, 0.1))
+    assert opt.state_bytes() == sharded_adamw_state_bytes(cfg, world)
+    assert sharded_adamw_state_bytes(cfg, 1) == 2 * 4 * manual.registry.param_count(cfg)

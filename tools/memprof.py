@@ -48,7 +48,7 @@ from conformance import memory as cmem
 from conformance.engine import make_batch
 from manual import memory as mmem
 from manual.config import PRESETS, ModelConfig
-from tools._args import float_at_least
+from tools._args import float_at_least, int_at_least
 from tools._cli import cli, output_file, write_output
 
 PHASES, CATEGORIES = cmem.PHASES, cmem.CATEGORIES
@@ -682,6 +682,10 @@ def print_dry_run(name, B, T, d) -> None:
           f"{d['activations_recompute_blocks']:,} B ({human(d['activations_recompute_blocks'])}), "
           f"{d['activations_recompute_blocks_in_backward']:,} B ({human(d['activations_recompute_blocks_in_backward'])}) "
           f"with the one block backward rebuilds, against {human(d['activations'])} without")
+    if "ranks" in d:
+        print(f"  with --shard-optimizer over {d['ranks']} ranks (ZeRO-1, parallel/zero.py), AdamW state per rank "
+              f"{d['optimizer_state_per_rank_sharded']:,} B ({human(d['optimizer_state_per_rank_sharded'])}): "
+              f"1/{d['ranks']} of 2 P, the last slice padded")
 
 
 def print_sweep(s) -> None:
@@ -858,6 +862,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", choices=["seq_len", "batch"], help="activation bytes against T or B instead")
     p.add_argument("--sweep-values", type=int, nargs="+", metavar="N", help="the T or B values of --sweep")
     p.add_argument("--dry-run", action="store_true", help="size the config from the closed forms; allocate nothing")
+    p.add_argument("--ranks", type=int_at_least(1), default=None, metavar="N",
+                   help="with --dry-run: also the AdamW state per rank when N ranks shard it (--shard-optimizer, ZeRO-1)")
     p.add_argument("--no-timeline", action="store_true", help="skip the RSS timeline (memory-profiler)")
     p.add_argument("--timeline-child", choices=IMPLS, help=argparse.SUPPRESS)   # internal: see timeline()
     p.add_argument("--config-json", help=argparse.SUPPRESS)
@@ -899,6 +905,9 @@ def main(argv=None) -> int:
 
     if args.dry_run:
         d = dry_run(cfg, B, T, args.optimizer)
+        if args.ranks is not None:
+            d["optimizer_state_per_rank_sharded"] = mmem.sharded_adamw_state_bytes(cfg, args.ranks)
+            d["ranks"] = args.ranks
         print_dry_run(args.preset, B, T, d)
         result = {"preset": args.preset, "batch_size": B, "seq_len": T, "dtype": args.dtype,
                   "optimizer": args.optimizer, "config": cfg.to_dict(), "dry_run": d}
