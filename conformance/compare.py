@@ -111,6 +111,8 @@ class Comparison:
     note: str = ""               # shape/dtype problems, widening reasons, ...
     step: int | None = None      # optimizer step, generation position, ...
     extra: dict = field(default_factory=dict)
+    layer: str = ""              # failing rows of the walk (external.compare_tensors): the layer(s) that wrote
+                                 # the tensor, conformance/graph.py `where`
 
     @property
     def badness(self) -> float:

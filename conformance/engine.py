@@ -41,8 +41,8 @@ from manual import registry
 from manual.checkpoint import save_model
 from manual.config import ModelConfig
 
-from . import trajectory
-from .compare import Comparison, compare, compare_exact, missing
+from . import external, trajectory
+from .compare import Comparison, compare_exact, missing
 
 CHECKS = ("param_count", "logits", "loss", "activation", "activation_grad", "param_grad",
           "optimizer", "generation", "memory", "training")
@@ -148,34 +148,50 @@ def check_param_count(case, m, r) -> list[Comparison]:
     return out
 
 
+FB_CHECKS = ("logits", "loss", "activation", "activation_grad", "param_grad")
+
+
+def walk_names(cfg: ModelConfig, want=CHECKS) -> list[tuple[str, str]]:
+    """(dump key, check) of the forward + backward checks in `want`, in the walk order of
+    external.dump_names (taps forward, loss, tap gradients backward, parameter gradients backward);
+    the logits are compared once more under their own check, right after the taps."""
+    names = [(k, c) for k, c in external.dump_names(cfg) if c in want]
+    if "logits" in want:
+        at = next((i for i, (k, c) in enumerate(names) if c != "activation"), len(names))
+        names.insert(at, ("logits", "logits"))
+    return names
+
+
+def fb_tensors(model, loss, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """A model's last forward (+ backward) keyed as in a dump: <tap>, loss (the value forward returned,
+    in cfg.dtype), grad.<tap>, grad.<param>. No copies."""
+    out = {"logits": model.logits, **model.taps, "loss": np.asarray(loss, dtype=np.dtype(cfg.dtype))}
+    out.update({f"grad.{n}": v for n, v in model.tap_grads.items()})
+    out.update({f"grad.{n}": v for n, v in model.grads.items()})
+    return out
+
+
 def check_forward_backward(case, m, r, ids, targets, want=CHECKS) -> list[Comparison]:
-    cfg, lab, out = case.cfg, case.name(), []
-    dt = np.dtype(cfg.dtype)
+    """logits, loss, activation, activation_grad, param_grad: the debugger's walk
+    (external.compare_tensors, tools/layerdiff/walk.py) over both sides' tensors, in walk order.
+    Rows name the tensor as the registry does (a gradient's row: check activation_grad / param_grad,
+    tensor without "grad."); a failing row carries the layer that wrote it (`layer`)."""
+    cfg = case.cfg
     m.zero_grad()
     r.zero_grad()
     loss_manual = m.forward(ids, targets)
     loss_reference = r.forward(ids, targets)
-    if "loss" in want:
-        out.append(compare(np.asarray(loss_manual, dtype=dt), np.asarray(loss_reference, dtype=dt), tensor="loss",
-                           check="loss", config=lab, expect_dtype=dt))
-    if "logits" in want:
-        out.append(compare(m.logits, r.logits, tensor="logits", check="logits", config=lab, expect_dtype=dt))
-    specs = registry.tap_specs(cfg)
-    if "activation" in want:
-        for s in specs:
-            out.append(compare(m.taps.get(s.name, missing()), r.taps.get(s.name, missing()), tensor=s.name,
-                               check="activation", config=lab, expect_dtype=dt))
     if "activation_grad" in want or "param_grad" in want:
         m.backward()
         r.backward()
-    if "activation_grad" in want:
-        for s in reversed(specs):
-            out.append(compare(m.tap_grads.get(s.name, missing()), r.tap_grads.get(s.name, missing()),
-                               tensor=s.name, check="activation_grad", config=lab, expect_dtype=dt))
-    if "param_grad" in want:
-        for s in reversed(registry.param_specs(cfg)):
-            out.append(compare(m.grads.get(s.name, missing()), r.grads.get(s.name, missing()),
-                               tensor=s.name, check="param_grad", config=lab, expect_dtype=dt))
+    names = walk_names(cfg, want)
+    a, b = fb_tensors(m, loss_manual, cfg), fb_tensors(r, loss_reference, cfg)
+    a = {k: a.get(k, missing()) for k, _ in names}     # a tensor one side lacks fails as a shape mismatch
+    b = {k: b.get(k, missing()) for k, _ in names}
+    out = external.compare_tensors(a, b, cfg, case.name(), names=names)
+    for c in out:
+        if c.check in ("activation_grad", "param_grad"):
+            c.tensor = c.tensor[len("grad."):]
     return out
 
 
@@ -260,7 +276,7 @@ def run_case(case: Case, checks=CHECKS, sides: Sides | None = None, workdir=None
         out: list[Comparison] = []
         if "param_count" in checks:
             out += check_param_count(case, m, r)
-        if set(checks) & {"logits", "loss", "activation", "activation_grad", "param_grad"}:
+        if set(checks) & set(FB_CHECKS):
             out += check_forward_backward(case, m, r, ids, targets, checks)
         if "optimizer" in checks:
             out += check_optimizer(case, path, sides)

@@ -48,6 +48,7 @@ from manual.config import ModelConfig
 
 from . import conventions
 from .compare import Comparison, compare
+from .graph import where as layer_of
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 EXIT_UNSUPPORTED = 3
@@ -376,12 +377,16 @@ def compare_tensors(under: dict, ref: dict, cfg: ModelConfig, label: str = "", *
     """Compare `under` (the implementation under test, dump keys) with `ref` (the reference) in walk
     order (dump_names). Keys absent from `under` are skipped (see not_provided); the conventions apply:
     masked attention entries are not compared (counted in extra["excluded"]), a float32 / float64
-    mismatch is compared at float32's tolerance when not strict, with a note."""
+    mismatch is compared at float32's tolerance when not strict, with a note. A failing row names the
+    layer(s) that wrote its tensor (`layer`, conformance/graph.py `where`)."""
     rows = []
     for key, check in (names or dump_names(cfg)):
         if key not in under or key not in ref:
             continue
-        rows.append(compare_one(key, under[key], ref[key], check=check, cfg=cfg, label=label, strict=strict))
+        c = compare_one(key, under[key], ref[key], check=check, cfg=cfg, label=label, strict=strict)
+        if not c.passed:
+            c.layer = layer_of(cfg, key)
+        rows.append(c)
     return rows
 
 
@@ -399,7 +404,9 @@ def compare_one(key: str, a, b, *, check: str, cfg: ModelConfig, label: str = ""
         return Comparison(config=label, check=check, tensor=key, passed=False, shape=tuple(b.shape),
                           dtype=str(a.dtype), step=step, note=str(exc))
     dt = policy.compare_dtype
-    a, b, excluded = conventions.apply_mask(key, a.astype(dt, copy=False), b.astype(dt, copy=False))
+    if policy.note:                       # compared at the looser dtype; else b keeps its own (compare checks it)
+        a, b = a.astype(dt, copy=False), b.astype(dt, copy=False)
+    a, b, excluded = conventions.apply_mask(key, a, b)
     note = policy.note
     if excluded:
         note = (note + "; " if note else "") + f"{excluded} masked entries not compared"
@@ -687,14 +694,12 @@ def first_divergent(outcome: Outcome, cfg: ModelConfig) -> str:
     """'first divergent: grad.h.2.out (activation_grad), written by ln_f (manual/layers/layernorm.py:
     layernorm_backward) at (2, 6, 6): ...': the first failing tensor in walk order and the layer that wrote
     it (conformance/graph.py, the debugger's graph)."""
-    from .graph import where as layer_of
     c = outcome.first_failure()
     if c is None:
         return ""
     if c.check == "impl":
         return c.note
-    known = c.tensor == "loss" or c.tensor in dump_specs(cfg)
-    where = f", written by {layer_of(cfg, c.tensor)}" if known and c.check != "optimizer" else ""
+    where = f", written by {c.layer}" if c.layer else ""
     step = f" at step {c.step}" if c.check == "optimizer" and c.step is not None else ""
     index = f" at {tuple(c.worst_index)}: {c.a_value!r} vs reference {c.b_value!r}" if c.worst_index else ""
     note = f" [{c.note}]" if c.note else ""

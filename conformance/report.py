@@ -29,6 +29,31 @@ def _group_lines(items: list[Comparison], out) -> None:
             print("    " + c.line(), file=out)
 
 
+GRAD_CHECKS = ("activation_grad", "param_grad")
+
+
+def walk_key(c: Comparison) -> str:
+    """The tensor as the walk and a dump name it: a gradient's row gets its "grad." prefix back."""
+    return f"grad.{c.tensor}" if c.check in GRAD_CHECKS and not c.tensor.startswith("grad.") else c.tensor
+
+
+def first_divergent(results: list[Comparison]) -> list[str]:
+    """One line per failing configuration: its first failing comparison (the rows come in walk order)
+    and, for a tensor of the forward / backward walk, the layer that wrote it (Comparison.layer), e.g.
+    'tiny.base/64: first divergent grad.transformer.ln_f.weight, written by ln_f (manual/layers/layernorm.py:
+    layernorm_backward)'."""
+    firsts: dict[str, Comparison] = {}
+    for c in results:
+        if not c.passed:
+            firsts.setdefault(c.config, c)
+    lines = []
+    for config, c in firsts.items():
+        step = f" at step {c.step}" if c.step is not None else ""
+        layer = f", written by {c.layer}" if c.layer else ""
+        lines.append(f"{config}: first divergent {walk_key(c)}{step} ({c.check}){layer}")
+    return lines
+
+
 def summarize(results: list[Comparison], verbose: int = 0, out=None) -> bool:
     """Print the results at the chosen detail (module docstring) and a verdict; True if all passed."""
     out = sys.stdout if out is None else out        # looked up at call time (a default would freeze the stream)
@@ -67,6 +92,13 @@ def summarize(results: list[Comparison], verbose: int = 0, out=None) -> bool:
                 _group_lines(items, out)
     n_fail = sum(not c.passed for c in results)
     passed = n_fail == 0 and len(results) > 0
+    firsts = first_divergent(results)
+    if firsts:
+        print(rule, file=out)
+        print("first divergent tensor of each failing configuration (walk order: taps forward, loss, tap gradients "
+              "backward, parameter gradients):", file=out)
+        for line in firsts:
+            print("  " + line, file=out)
     print(rule, file=out)
     print(f"{'PASSED' if passed else 'FAILED'}: {len(results) - n_fail} of {len(results)} comparisons agree"
           f" over {len(configs)} configurations", file=out)

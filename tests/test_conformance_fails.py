@@ -86,3 +86,24 @@ def test_one_byte_count():
 
     bad = failures(engine.run_case(CASE64, ("memory",), sides_with(Corrupt)))
     assert [c.tensor for c in bad] == ["activation bytes (manual caches vs closed form)"]
+
+
+def test_summary_names_first_divergent_tensor_and_layer():
+    """A zoo fault (layer-norm backward without its mean term): the default summary names the first
+    divergent tensor in walk order and the layer function that wrote it, as the debugger does."""
+    import io
+
+    from conformance.report import summarize
+    from tools import faults
+
+    fault = faults.get("ln_dx_missing_mean_term")
+    with faults.inject(fault.name) as sides:
+        results = engine.run_case(fault.case(), fault.checks, sides)
+    first = failures(results)[0]
+    assert (first.check, "grad." + first.tensor) == ("activation_grad", fault.expected)   # grad.h.2.out
+    assert first.layer == "ln_f (manual/layers/layernorm.py: layernorm_backward)"
+    out = io.StringIO()
+    assert not summarize(results, out=out)
+    want = (f"{fault.case().name()}: first divergent grad.h.2.out (activation_grad), written by ln_f "
+            "(manual/layers/layernorm.py: layernorm_backward)")
+    assert want in [line.strip() for line in out.getvalue().splitlines()], out.getvalue()
