@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 
+from tools._args import CHECKPOINT_NAME, checkpoint_in
 from tools._cli import cli
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin.pt", ".pkl")
@@ -184,9 +185,11 @@ def run(args) -> str:
     if not args.checkpoint:
         raise BadInput(f"--to {fmt} needs --checkpoint FILE.safetensors (ours)")
     refuse_pickle(args.checkpoint)
-    if not Path(args.checkpoint).is_file():
-        raise BadInput(f"{args.checkpoint}: no such checkpoint file (--checkpoint)")
-    cfg, params, _extras, _meta = load_model(args.checkpoint)
+    checkpoint = checkpoint_in(args.checkpoint)       # a file, or a tools/train.py --out folder holding one
+    if not checkpoint.is_file():
+        raise BadInput(f"{args.checkpoint}: no such checkpoint file (--checkpoint; a file, or a folder holding "
+                       f"{CHECKPOINT_NAME})")
+    cfg, params, _extras, _meta = load_model(checkpoint)
     if fmt == "llmc-state":
         if not (args.ids and args.targets):
             raise BadInput("--to llmc-state needs --ids IDS.npy and --targets TARGETS.npy")
