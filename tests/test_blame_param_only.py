@@ -18,6 +18,11 @@ def case(tmp_path_factory):
     return export_case(tmp_path_factory.mktemp("param_only") / "case", dtype="float64")
 
 
+@pytest.fixture(scope="module")
+def post_case(tmp_path_factory):
+    return export_case(tmp_path_factory.mktemp("param_only_post") / "case", dtype="float64", norm="post")
+
+
 def param_only_dump(case, out, *bug):
     """The NumPy port's dump (with `bug` planted), every grad.<tap> dropped."""
     full = out.with_suffix(".full.safetensors")
@@ -45,7 +50,11 @@ def verdict(case, dump, capsys):
     return rep, text
 
 
-def test_ln_backward_bug_is_traced_back_to_ln_f(case, tmp_path, capsys):
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_ln_backward_bug_is_traced_back_to_ln_f(norm, case, post_case, tmp_path, capsys):
+    """Post-norm: h.2.ln_2's parameter gradients are the first, in backward order, to see the wrong
+    gradient, though the walk lists h.2.mlp's first."""
+    case = case if norm == "pre" else post_case
     rep, text = verdict(case, param_only_dump(case, tmp_path / "ln.safetensors", "--bug", "ln_backward_no_mean"),
                         capsys)
     assert "no tap gradients" in text                                   # the warning

@@ -311,6 +311,10 @@ def backward_origin(cfg: ModelConfig, tensor: str, rows: list) -> LayerCheck | N
         why = ("its output-side parameter gradients agree, so the gradient reaching it agrees: its own backward "
                "is wrong") if own else "nothing tells whether the gradient reaching it agrees"
         return LayerCheck(target.name, method, note=why)
+    # the walk lists parameter gradients in its own order: the first layer, in backward order, whose
+    # output gradient differs may come before the one that wrote the first divergent tensor
+    first = next(i for i in range(first + 1) if output_grad_agrees(order[i], passed, shared) is False)
+    target = order[first]
     last_ok = next((i for i in range(first - 1, -1, -1) if output_grad_agrees(order[i], passed, shared)), None)
     start = 0 if last_ok is None else last_ok          # the loss's output gradient is 1 on both sides
     suspects = [n for n in order[start:first] if n.kind != "add"]
