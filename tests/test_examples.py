@@ -143,6 +143,7 @@ NUMPY_BUGS = {
     "tied_grad_assigned": ("grad.transformer.wte.weight", "embed", "embedding_backward"),
     "ln_unbiased_var": ("h.0.ln_1.out", "h.0.ln_1", "layernorm_forward"),
     "attn_backward_no_scale": ("grad.h.2.attn.k", "h.2.attn", "attention_backward"),
+    "mlp_fc_weight_grad_doubled": ("grad.transformer.h.2.mlp.c_fc.weight", "h.2.mlp", "mlp_backward"),
 }
 
 

@@ -46,6 +46,8 @@ BUGS = {
                           "adding (+=) it, erasing the output projection's contribution",
     "ln_unbiased_var": "layer-norm forward with the unbiased variance (divides by C - 1)",
     "attn_backward_no_scale": "attention backward forgets the 1/sqrt(D) of the scores in dq and dk",
+    "mlp_fc_weight_grad_doubled": "the MLP's first linear layer adds twice its weight gradient (dW = 2 dh^T x); "
+                                  "every other gradient is right",
 }
 
 # What this port can run. Every field of the case's config must be listed; a value outside the
@@ -279,8 +281,9 @@ class SelfAttention:
 
 
 class FeedForward:
-    def __init__(self, P, pre, activation, rec, name):
+    def __init__(self, P, pre, activation, rec, name, bug=None):
         self.up = Linear(P[f"{pre}.up.weight"], P.get(f"{pre}.up.bias"))
+        self.bug = bug
         self.down = Linear(P[f"{pre}.down.weight"], P.get(f"{pre}.down.bias"))
         self.activation, self.rec, self.name = activation, rec, name
 
@@ -314,7 +317,11 @@ class FeedForward:
         else:
             du = math.sqrt(2 / math.pi) * (1 + 3 * 0.044715 * h * h)
             dh = da * (0.5 * (1 + self.t) + 0.5 * h * (1 - self.t * self.t) * du)
-        return self.up.backward(r.grad(f"{n}.fc", dh))
+        before = self.up.weight.grad.copy()
+        dx = self.up.backward(r.grad(f"{n}.fc", dh))
+        if self.bug == "mlp_fc_weight_grad_doubled":    # planted: this call's weight gradient counted twice
+            self.up.weight.grad += self.up.weight.grad - before
+        return dx
 
 
 class Block:
@@ -323,7 +330,7 @@ class Block:
         self.norm1 = LayerNorm(P[f"{pre}.norm1.gain"], P.get(f"{pre}.norm1.shift"), cfg["ln_eps"], bug)
         self.norm2 = LayerNorm(P[f"{pre}.norm2.gain"], P.get(f"{pre}.norm2.shift"), cfg["ln_eps"], bug)
         self.attn = SelfAttention(P, f"{pre}.attn", cfg["n_heads"], rec, f"h.{i}.attn", bug)
-        self.ffn = FeedForward(P, f"{pre}.ffn", cfg["activation"], rec, f"h.{i}.mlp")
+        self.ffn = FeedForward(P, f"{pre}.ffn", cfg["activation"], rec, f"h.{i}.mlp", bug)
         self.pre_ln, self.rec, self.n = cfg["norm"] == "pre", rec, f"h.{i}"
         self.scores = cfg["attention"] == "standard"
 

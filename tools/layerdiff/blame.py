@@ -26,7 +26,7 @@ from conformance.trajectory import OPTIMIZERS, Step
 from manual import registry
 from manual.config import ModelConfig
 
-from .graph import Node, culprits
+from .graph import LAYER_FILES, Node, culprits, nodes
 from .layers import manual_layer, oracle_outputs, reference_layer, roles
 from .walk import Setup
 
@@ -61,6 +61,7 @@ class Blame:
     checks: list                                 # [LayerCheck]
     verdict: str                                 # "manual", "reference", "dump", "both", "neither (...)", ...
     detail: str = ""                             # what to look at next
+    origin: str = ""                             # a dump without tap gradients: the backward inferred wrong
 
     def as_json(self) -> dict:
         return asdict(self)
@@ -261,3 +262,85 @@ def blame_optimizer(bad: Comparison, sides, kind: str, step: Step, cfg: ModelCon
     judged = {side: _recomputed(v, want, what) for side, v in got.items()}
     return Blame([LayerCheck(layer, f"the {kind} step redone in float64 from the reference's parameters, clipped "
                                     f"gradients and state", judged)], verdict(judged, RECOMPUTATION))
+
+
+# -- a dump without tap gradients: where did the backward first go wrong? ---------------------------
+
+# node kind -> the parameter roles whose gradient needs only the layer's forward inputs (taps, which
+# agree when the first difference is a gradient) and the gradient of its OUTPUT: a bias gradient is
+# that gradient summed over (B, T); an output projection's weight gradient is x^T @ dout; a layer
+# norm's weight gradient is sum(dout * xhat). If one differs, the gradient reaching the layer's
+# output differs; if all agree, it (very likely) agrees.
+OUTPUT_SIDE = {"mlp": ("b2", "W2"), "attention": ("b_proj", "W_proj"), "layernorm": ("b", "w"),
+               "linear": ("b", "W"), "unembed": ("W",)}
+
+
+def output_grad_agrees(node: Node, passed: dict, shared: set) -> bool | None:
+    """Does the gradient reaching `node`'s output agree, judged from its output-side parameter
+    gradients (`passed`: grad.<param> -> the walk's verdict)? None: no such parameter to judge by
+    (none in the dump, or shared with another layer like the tied embedding)."""
+    names = [node.params[r] for r in OUTPUT_SIDE.get(node.kind, ()) if r in node.params]
+    seen = [passed[f"grad.{n}"] for n in names if n not in shared and f"grad.{n}" in passed]
+    return None if not seen else all(seen)
+
+
+def backward_origin(cfg: ModelConfig, tensor: str, rows: list) -> LayerCheck | None:
+    """For a dump without tap gradients whose first divergent tensor is the parameter gradient
+    `tensor`: the layer whose backward first went wrong, inferred from the parameter gradients.
+
+    Walking the layers in backward order (from the loss), each layer's output gradient is judged by
+    output_grad_agrees. If the first divergent layer's output gradient already disagrees, the error
+    entered upstream in backward order: between the last layer whose output gradient agrees (its
+    input gradient is suspect) and this one. None when `tensor` is not a parameter gradient."""
+    name = tensor[len("grad."):]
+    if not tensor.startswith("grad.") or name not in registry.param_shapes(cfg):
+        return None
+    passed = {c.tensor: c.passed for c in rows}
+    order = list(reversed(nodes(cfg)))
+    uses: dict = {}
+    for n in order:
+        for p in n.params.values():
+            uses[p] = uses.get(p, 0) + 1
+    shared = {p for p, k in uses.items() if k > 1}
+    first = next(i for i, n in enumerate(order) if name in n.params.values())
+    target = order[first]
+    own = output_grad_agrees(target, passed, shared)
+    method = ("inferred from parameter gradients (the dump holds no tap gradients): a bias gradient is the sum over "
+              "(B, T) of the layer's output gradient, an output weight gradient x^T dout with x a tap that agrees")
+    if own is not False:
+        why = ("its output-side parameter gradients agree, so the gradient reaching it agrees: its own backward "
+               "is wrong") if own else "nothing tells whether the gradient reaching it agrees"
+        return LayerCheck(target.name, method, note=why)
+    # the walk lists parameter gradients in its own order: the first layer, in backward order, whose
+    # output gradient differs may come before the one that wrote the first divergent tensor
+    first = next(i for i in range(first + 1) if output_grad_agrees(order[i], passed, shared) is False)
+    target = order[first]
+    last_ok = next((i for i in range(first - 1, -1, -1) if output_grad_agrees(order[i], passed, shared)), None)
+    start = 0 if last_ok is None else last_ok          # the loss's output gradient is 1 on both sides
+    suspects = [n for n in order[start:first] if n.kind != "add"]
+    good = order[start].name
+    if len(suspects) == 1:
+        note = (f"the gradient reaching {target.name}'s output already differs while the one reaching {good}'s "
+                f"output agrees: the error entered in {good}'s backward (its input gradient)")
+        return LayerCheck(suspects[0].name, method, note=note)
+    if not suspects:                                   # nothing between: the layer's own bias accumulation
+        return LayerCheck(target.name, method, note="its bias gradient differs with nothing between it and an "
+                                                    "agreeing output gradient: its own backward is wrong")
+    return LayerCheck(f"between {good} and {target.name}", method,
+                      note=f"the gradient reaching {target.name}'s output already differs while the one reaching "
+                           f"{good}'s output agrees: the error entered in the backward of one of "
+                           f"{', '.join(n.name for n in suspects)}")
+
+
+def add_origin(b: Blame, cfg: ModelConfig, tensor: str, rows: list) -> None:
+    """Add to `b` (a dump without tap gradients) the layer whose backward first went wrong."""
+    check = backward_origin(cfg, tensor, rows)
+    if check is None:
+        return
+    b.checks.append(check)
+    if check.layer.startswith("between "):
+        b.origin = f"{check.layer} (the evidence does not settle which backward)"
+    else:
+        kind = next(n.kind for n in nodes(cfg) if n.name == check.layer)
+        file, fn = LAYER_FILES[kind]
+        b.origin = f"{check.layer} (manual/layers/{file}: {fn}_backward)"

@@ -76,6 +76,9 @@ def print_blame(b, out) -> None:
         if check.note:
             print(f"    note: {check.note}", file=out)
     print(f"  wrong side: {b.verdict}", file=out)
+    if b.origin:
+        print(f"  backward first wrong in: {b.origin}  (inferred from parameter gradients: the dump holds no tap "
+              f"gradients)", file=out)
     if b.detail:
         print(f"  ({b.detail})", file=out)
 

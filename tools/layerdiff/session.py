@@ -7,8 +7,9 @@ import time
 from dataclasses import dataclass, field
 
 from conformance.compare import Comparison
+from conformance.conventions import missing_tap_grads_warning
 
-from .blame import Blame, blame_layer, blame_optimizer, opt_where
+from .blame import Blame, add_origin, blame_layer, blame_optimizer, opt_where
 from .graph import where
 from .walk import Setup, expected_names, first_failure, optimizer_walk, run_model, walk
 
@@ -74,5 +75,7 @@ def debug(setup: Setup, sides=None, steps: int = 0, optimizer: str = "adamw", bl
         rep.first_where = where(cfg, rep.first.tensor)
         if blame:
             rep.blame = blame_layer(setup, rep.first.tensor, ref, under, other)
+            if against is not None and missing_tap_grads_warning(against, cfg):
+                add_origin(rep.blame, cfg, rep.first.tensor, rows)
     rep.seconds = time.perf_counter() - t0
     return rep
