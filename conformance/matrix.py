@@ -13,6 +13,7 @@ Besides the model options, the matrix reaches every internal path of the manual 
     optim_*        every optimizer option away from its default (conformance/trajectory.OPTIMIZERS)
     pad_*          PAD patterns (engine.make_batch): scattered, a whole row, another pad id
     gelu_saturated GELU far in its tails
+    workspace      the manual side built with Model(..., workspace=True): every layer's workspace path
 """
 from __future__ import annotations
 
@@ -72,6 +73,8 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "gelu_saturated": ({}, dict(batch=2, seq_len=12, opt_steps=2, weight_scale={"mlp.c_fc.weight": 1e5})),
     "pad_scatter": ({}, dict(batch=3, seq_len=10, pad="scatter")),
     "pad_row":     (dict(pad_id=7), dict(batch=3, seq_len=10, pad="row")),
+    # every layer writing into the workspace pool (manual/layers/workspace.py; bit-identical to the plain path)
+    "workspace":   ({}, dict(batch=4, seq_len=12, manual_kwargs=dict(workspace=True))),
 }
 
 TRAIN_STEPS = 200
