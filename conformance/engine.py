@@ -65,6 +65,7 @@ class Case:
     flash_block: int | None = None   # keys per block of the manual side's flash attention (None: its default)
     weight_scale: dict = field(default_factory=dict)   # parameter-name suffix -> factor applied at init (stress)
     optimizers: tuple = trajectory.DEFAULT_OPTIMIZERS  # kinds of trajectory.OPTIMIZERS the optimizer check runs
+    manual_kwargs: dict = field(default_factory=dict)  # extra keyword arguments of the manual side's load (workspace=True)
 
     @property
     def T(self) -> int:
@@ -246,10 +247,12 @@ def check_memory(case, path, m, r, ids, targets, sides: Sides) -> list[Compariso
 # -- one case ---------------------------------------------------------------------------------
 
 def load_manual(case: Case, path, sides: Sides):
-    """The manual side of `case` from the checkpoint at `path` (with the case's flash block, if set)."""
-    if case.flash_block is None:
-        return sides.manual.load(path)
-    return sides.manual.load(path, flash_block=case.flash_block)
+    """The manual side of `case` from the checkpoint at `path` (with the case's flash block, if set, and
+    its manual_kwargs)."""
+    kwargs = dict(case.manual_kwargs)
+    if case.flash_block is not None:
+        kwargs["flash_block"] = case.flash_block
+    return sides.manual.load(path, **kwargs)
 
 
 def init_params(case: Case) -> dict:

@@ -13,6 +13,8 @@ Besides the model options, the matrix reaches every internal path of the manual 
     optim_*        every optimizer option away from its default (conformance/trajectory.OPTIMIZERS)
     pad_*          PAD patterns (engine.make_batch): scattered, a whole row, another pad id
     gelu_saturated GELU far in its tails
+    workspace      the manual side built with Model(..., workspace=True): every layer's workspace path
+    ln_overflow    float32 rows whose variance overflows: layer norm's exact rescale
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from .engine import Case
 # rounding noise into lr-sized steps (measured: stress_flash, c_attn.bias after 2 steps).
 STRESS = dict(weight_scale={"attn.c_attn.weight": 60.0, "ln_f.weight": 650.0}, opt_steps=2, optimizers=("sgd",))
 FLOAT64_ONLY = ("stress", "stress_flash", "gelu_saturated")   # gelu_saturated: float32 as stress, at 1e5
+FLOAT32_ONLY = ("ln_overflow",)   # the overflow it reaches is float32's (float64's range holds 1e42)
 # long_T: T over two default flash blocks, not a multiple of one; B*T*d_ff (tiny: d_ff 256) over one erf chunk
 LONG_T = 2 * FLASH_BLOCK + FLASH_BLOCK // 2 + 3
 assert LONG_T * 256 > ERF_CHUNK, "long_T must hold more than one erf chunk"
@@ -72,6 +75,12 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "gelu_saturated": ({}, dict(batch=2, seq_len=12, opt_steps=2, weight_scale={"mlp.c_fc.weight": 1e5})),
     "pad_scatter": ({}, dict(batch=3, seq_len=10, pad="scatter")),
     "pad_row":     (dict(pad_id=7), dict(batch=3, seq_len=10, pad="row")),
+    # every layer writing into the workspace pool (manual/layers/workspace.py; bit-identical to the plain path)
+    "workspace":   ({}, dict(batch=4, seq_len=12, manual_kwargs=dict(workspace=True))),
+    # float32 only: token embeddings x 1e21, so every layer norm's row sum of squares overflows float32
+    # (manual/layers/layernorm.py _rescaled_rows; float64 does not overflow there). Untied, so the logits
+    # stay at their usual scale (tied, the head would read the x 1e21 embeddings: logits ~1e21).
+    "ln_overflow": (dict(tie_embeddings=False), dict(batch=4, seq_len=12, weight_scale={"wte.weight": 1e21})),
 }
 
 TRAIN_STEPS = 200
@@ -99,7 +108,7 @@ def cases(preset: str = "tiny", dtypes=("float64", "float32"), quick: bool = Fal
     out = []
     for dtype in dtypes:
         for name in names:
-            if name in FLOAT64_ONLY and dtype != "float64":
+            if (name in FLOAT64_ONLY and dtype != "float64") or (name in FLOAT32_ONLY and dtype != "float32"):
                 continue
             cfg_over, case_over = VARIANTS[name] if name in VARIANTS else EXTRA[name]
             cfg = ModelConfig.preset(preset, dtype=dtype, **cfg_over)

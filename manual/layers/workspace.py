@@ -80,10 +80,6 @@ def empty(ws: Workspace | None, name: str, shape, dtype) -> np.ndarray:
     return np.empty(shape, dtype=dtype) if ws is None else ws.get(name, shape, dtype)
 
 
-def scope(ws: Workspace | None, name: str) -> Workspace | None:
-    return None if ws is None else ws.scope(name)
-
-
 def ws_kw(ws: Workspace | None, name: str) -> dict:
     """Keyword arguments for a call into another layer: {"ws": its scope}, or none at all without a
     workspace, so that a layer replaced by one written for the plain signature (tools/faults.py)
