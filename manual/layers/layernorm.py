@@ -38,7 +38,8 @@ def layernorm_forward(x, w, b, eps, ws=None):
     mean = x.sum(axis=-1, keepdims=True)                       # (B, T, 1)
     mean /= C
     xc = np.subtract(x, mean, out=out(ws, "xhat", x.shape, x.dtype))             # (B, T, C)
-    var = np.square(xc, out=scratch(ws, x.shape, x.dtype)).sum(axis=-1, keepdims=True)  # (B, T, 1)
+    with np.errstate(over="ignore"):                           # an overflowing row is handled below, exactly
+        var = np.square(xc, out=scratch(ws, x.shape, x.dtype)).sum(axis=-1, keepdims=True)  # (B, T, 1)
     var /= C                                                   # biased variance
     over = ~np.isfinite(var[..., 0])                           # (B, T) rows whose sum of squares overflowed
     var += eps                                                 # (eps is a weak Python float)
