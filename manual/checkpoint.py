@@ -70,17 +70,19 @@ def save_tensors(path, tensors: dict[str, np.ndarray], metadata: dict[str, str] 
 STALE_TEMP_SECONDS = 60     # a temp file this old is left over from a killed save, not one in progress
 
 
-def write_atomic(path, payload: bytes) -> None:
-    """Write bytes to `path` atomically: a temp file `.NAME.<random>.tmp` in the same folder, fsync,
-    os.replace, fsync of the folder. The file gets the umask's normal mode (0666 & ~umask). On any
-    failure the temp file is removed; temp files of earlier killed writes to `path` are removed first."""
+def write_atomic(path, payload) -> None:
+    """Write `payload` (bytes, or an iterable of byte chunks, so a large file need not be joined first)
+    to `path` atomically: a temp file `.NAME.<random>.tmp` in the same folder, fsync, os.replace, fsync
+    of the folder. The file gets the umask's normal mode (0666 & ~umask). On any failure the temp file
+    is removed; temp files of earlier killed writes to `path` are removed first."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     _remove_stale_temps(folder, path.name)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(payload)
+            for chunk in ((payload,) if isinstance(payload, (bytes, bytearray, memoryview)) else payload):
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())

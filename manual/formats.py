@@ -39,14 +39,12 @@ Fields that change what the model computes and that a format cannot hold are ref
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import check_params, save_tensors
+from .checkpoint import check_params, save_tensors, write_atomic
 from .config import ModelConfig
 from .registry import param_shapes, param_specs
 
@@ -284,22 +282,12 @@ def grads_from_layout(tensors: dict[str, np.ndarray], fmt: str, cfg: ModelConfig
 # -- writing files ---------------------------------------------------------------------------------
 
 def _atomic_write_bytes(path: Path, chunks) -> None:
-    """Write `chunks` to `path` atomically: temp file in the same folder, fsync, os.replace."""
+    """Write `chunks` to `path` atomically (manual.checkpoint.write_atomic: temp file, fsync, os.replace,
+    the umask's mode), after checking the folder exists (a FormatError naming it)."""
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise FormatError(f"cannot write {path}: folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, chunks)
 
 
 def _read(path: Path, what: str) -> bytes:
