@@ -123,7 +123,8 @@ def main(argv=None) -> int:
         p.error("the gpt2-small preset is for import and sizing only (124M parameters); use tiny or medium")
     dtypes = ("float64", "float32") if args.dtype == "both" else (args.dtype,)
     try:
-        todo = cases(args.preset, dtypes, quick=args.quick, only=args.variant)
+        todo = cases(args.preset, dtypes, quick=args.quick, only=args.variant,
+                     outside=bool(args.impl or args.impl_cmd))
     except ValueError as exc:
         p.error(str(exc))
     if args.impl or args.impl_cmd:      # your implementation under test (conformance/external.py)

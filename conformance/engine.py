@@ -45,7 +45,7 @@ from . import external, trajectory
 from .compare import Comparison, compare_exact, missing
 
 CHECKS = ("param_count", "logits", "loss", "activation", "activation_grad", "param_grad",
-          "optimizer", "generation", "memory", "training")
+          "optimizer", "generation", "memory", "recompute", "training")
 
 OPT_STEPS = 20
 GEN_TOKENS = 30
@@ -287,6 +287,9 @@ def run_case(case: Case, checks=CHECKS, sides: Sides | None = None, workdir=None
             out += check_generation(case, m, r, sides)
         if "memory" in checks:
             out += check_memory(case, path, m, r, ids, targets, sides)
+        if "recompute" in checks:
+            from .memory import recompute_checks
+            out += recompute_checks(case, path, ids, targets, sides)
         if "training" in checks and case.train_steps > 0:
             from .training import training_equivalence
             out += training_equivalence(case.cfg, steps=case.train_steps, seed=case.seed,

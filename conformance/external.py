@@ -667,11 +667,13 @@ class MatrixJob:
 
 
 def run_job(job: MatrixJob) -> Outcome:
-    """One configuration: the case's weights (registry.init_params(cfg, seed)) and batch (engine.make_batch)."""
-    from .engine import make_batch, trajectory_batches
+    """One configuration: the case's weights (engine.init_params: registry.init_params(cfg, seed), scaled
+    as the case says, so the stress variants stress the implementation under test too) and batch
+    (engine.make_batch)."""
+    from .engine import init_params, make_batch, trajectory_batches
     case = job.case
     cfg, label = case.cfg, case.name()
-    params = registry.init_params(cfg, case.seed)
+    params = init_params(case)
     ids, targets = make_batch(cfg, case.batch, case.T, case.seed, case.pad)
     batches = trajectory_batches(case, job.steps) if job.steps else None
     keep = None if job.keep is None else Path(job.keep) / label.replace("/", "_")

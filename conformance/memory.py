@@ -148,7 +148,6 @@ def memory_checks(case, path, m, r, ids, targets, sides) -> list[Comparison]:
                           max_rel=float(rel), tol=PEAK_TOLERANCE * predicted_peak,
                           rule="within 10% of predicted", a_value=measured_peak, b_value=predicted_peak,
                           scale=float(predicted_peak)))
-    out += recompute_checks(case, path, ids, targets, sides)
     return out
 
 
@@ -184,26 +183,27 @@ def recompute_checks(case, path, ids, targets, sides) -> list[Comparison]:
     r.forward(ids, targets)
     r.backward()
     (loss_n, _, g_n), (loss_b, kept_b, g_b) = runs["none"], runs["blocks"]
-    out = [compare_exact(loss_b, loss_n, tensor="loss (manual, recompute=blocks vs none)", check="memory",
+    out = [compare_exact(loss_b, loss_n, tensor="loss (manual, recompute=blocks vs none)", check="recompute",
                          config=lab)]
     for spec in reversed(registry.param_specs(cfg)):
         name = spec.name
         out.append(compare_exact(g_b[name], g_n[name], tensor=f"{name} grad (manual, recompute=blocks vs none)",
-                                 check="memory", config=lab))
+                                 check="recompute", config=lab))
         out.append(compare(g_b[name], r.grads[name], tensor=f"{name} grad (recompute=blocks, manual vs reference)",
-                           check="memory", config=lab, expect_dtype=dt))
+                           check="recompute", config=lab, expect_dtype=dt))
     out += activation_byte_checks(lab, kept_b, mmem.activation_bytes(cfg, B, T, recompute="blocks"),
                                   ropt.activation_saved_bytes(r, ids, targets),
                                   "activation bytes, recompute=blocks (manual vs closed form)",
-                                  "activation bytes ratio manual/reference, recompute=blocks")
+                                  "activation bytes ratio manual/reference, recompute=blocks", check="recompute")
     return out
 
 
-def activation_byte_checks(lab, measured, predicted, ref_saved, exact_name, ratio_name) -> list[Comparison]:
+def activation_byte_checks(lab, measured, predicted, ref_saved, exact_name, ratio_name,
+                           check: str = "memory") -> list[Comparison]:
     """Manual activation bytes = their closed form, and manual / reference (autograd's saved bytes) <= 1."""
     ratio = measured / ref_saved if ref_saved else float("inf")
-    return [compare_exact(measured, predicted, tensor=exact_name, check="memory", config=lab),
-            Comparison(config=lab, check="memory", tensor=ratio_name, passed=bool(ratio <= 1.0), max_abs=float(ratio),
+    return [compare_exact(measured, predicted, tensor=exact_name, check=check, config=lab),
+            Comparison(config=lab, check=check, tensor=ratio_name, passed=bool(ratio <= 1.0), max_abs=float(ratio),
                        max_rel=float(ratio), tol=1.0, rule="ratio <= 1", a_value=measured, b_value=ref_saved,
                        scale=1.0, note=f"manual {measured} B vs autograd saved {ref_saved} B")]
 

@@ -43,29 +43,7 @@ KNOWN_GAPS = {
         "if norm_type == 2.0:", "return float(np.sqrt(np.dot(a, a)))",
         "if abs(w) < 0.5:", "start[...] = _fma(w, diff, start)",
     },
-    # the workspace's byte count and repr: accounting, not math (tools/bench.py and tests/test_alloc.py
-    # read them; the same kind as the model's cache_bytes, which .coveragerc excludes: the lead's call)
-    "manual/layers/workspace.py": {
-        "return sum(a.nbytes for a in self.arrays.values()) + sum(a.nbytes for a in self.scratch.values())",
-        'return (f"Workspace(batch_shape={self.batch_shape}, {len(self.arrays)} named and {len(self.scratch)} scratch "',
-    },
 }
-
-# Arrived with the last merge of main (manual/layers after the named caches and workspaces: layer norm's
-# overflow rescale, the workspace pool, new model branches): reached by no configuration yet, not yet
-# reviewed; each needs a variant that reaches it, or an exclusion with its reason (reported to the lead).
-NEW_GAPS = {
-    'manual/model.py': {
-        'if self.recompute == "blocks":      # keep the input only; t and c are dropped here',
-        't, c = {"out": x}, BlockInputCache(x_in)',
-        'if isinstance(c_i, BlockInputCache):   # recompute="blocks": this block\'s forward again, from its input',
-        '_, _, c_i = block_forward(c_i.x, self._block(self.params, i), cfg, self.flash_block)',
-        'rec_i = None                       # its inner tap gradients are not kept either',
-        'return {name: shapes[name] for name in self._tap_names}',
-    },
-}
-for _path, _texts in NEW_GAPS.items():
-    KNOWN_GAPS.setdefault(_path, set()).update(_texts)
 
 
 def _text(path: str, line: int) -> str:

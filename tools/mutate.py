@@ -3,12 +3,15 @@ conformance matrix catch? (issue 16; docs/mutation.md)
 
     python -m tools.mutate --sample 300 --seed 0 --workers 2          # the figure in docs/mutation.md
     python -m tools.mutate --list                                      # every candidate mutant
-    python -m tools.mutate --root ~/port --file myport/model.py --sides myport.conformance:sides
+    python -m tools.mutate --root ~/port --file mypkg/model.py --impl mypkg.model:make_model
+    python -m tools.mutate --root examples/numpy_port --file port.py --impl-cmd 'python port.py {case} {out}'
 
 Each mutant is one AST edit of one file: an arithmetic operator swapped (+ -, * /, ** *), `+=` made
 `-=` or `=`, a unary minus dropped, a comparison flipped, a numeric constant changed, an `axis=`
 moved, a slice bound moved by one, True/False swapped. Lines that only validate input (a `raise`
-and the `if` that guards it) are not mutated: the suite feeds valid input, tests/ check the errors.
+and the `if` that guards it) are not mutated: the suite feeds valid input, tests/ check the errors; nor
+are the lines the coverage contract excludes (`exclude_lines` in the root's .coveragerc, each with its
+reason: validation, error messages, accounting).
 
 Per mutant, in a private copy of the tree (the real files are never written), a child process:
     1. runs the matrix (conformance/matrix.py, default variants, float64 and float32), cheap checks
@@ -21,8 +24,12 @@ Per mutant, in a private copy of the tree (the real files are never written), a 
        file, line and the diff).
 
 An outside implementation: --root is the tree to copy, --file the files to mutate (relative to
---root) and --sides module:function returns the conformance.engine.Sides to check (the default:
-this project's manual side).
+--root), and the implementation is named as `python -m conformance` names it: --impl
+module:factory (Python, imported from the copied tree) or --impl-cmd 'CMD {case} {out}' (any
+program, run in the copied tree; add {steps} to check its optimizer too). Each mutant then runs the
+matrix through conformance.external (every configuration; a program's lines cannot be traced, so no
+line map), and the oracle compares the implementation's own dumps at zero tolerance. --sides
+module:function instead swaps in a drop-in manual side (a conformance.engine.Sides).
 """
 from __future__ import annotations
 
@@ -155,10 +162,28 @@ def _variants(node, parent_kw: str | None):
             yield "slice", ("upper", f"({ast.unparse(node.upper)}) - 1")
 
 
+def _coverage_excluded(root: Path, source: str) -> set[int]:
+    """Lines that the coverage contract excludes (`exclude_lines` of root/.coveragerc: input validation,
+    error messages, accounting, each with its reason there), blocks included. Not mutated: the matrix is
+    not meant to reach them, so a mutant there says nothing about its power. No .coveragerc: none."""
+    rc = root / ".coveragerc"
+    if not rc.is_file():
+        return set()
+    import coverage
+    from coverage.parser import PythonParser
+    patterns = coverage.Coverage(config_file=str(rc)).config.exclude_list
+    if not patterns:
+        return set()
+    parser = PythonParser(text=source, exclude="|".join(f"(?:{x})" for x in patterns))
+    parser.parse_source()
+    return set(parser.excluded)
+
+
 def mutants_of(root: Path, file: str) -> list[Mutant]:
     source = (root / file).read_text()
     tree = ast.parse(source)
     skip_lines, docs, inside = _validation_lines(tree), _docstring_nodes(tree), _in_function(tree)
+    skip_lines |= _coverage_excluded(root, source)
     kw_of = {id(k.value): k.arg for k in ast.walk(tree) if isinstance(k, ast.keyword)}
     stmt_of = {}
     for st in ast.walk(tree):              # innermost statement of every node (walk is outside-in)
@@ -205,7 +230,7 @@ def all_mutants(root: Path, files) -> list[Mutant]:
 # -- the child: one mutant's verdict (runs inside the copied tree) -----------------------------
 
 FAST = ("logits", "loss", "activation", "activation_grad", "param_grad")
-STAGES = (FAST, ("optimizer", "generation"), ("param_count", "memory", "training"))
+STAGES = (FAST, ("optimizer", "generation", "recompute"), ("param_count", "memory", "training"))
 ORACLE_STEPS = 3
 
 
@@ -218,15 +243,26 @@ def _load_sides(spec: str | None):
     return getattr(importlib.import_module(mod), fn or "sides")()
 
 
-def matrix_cases(variants=None, dtypes=("float64", "float32")):
+def matrix_cases(variants=None, dtypes=("float64", "float32"), outside=False):
     from conformance.matrix import cases
-    return cases("tiny", dtypes, only=variants)
+    return cases("tiny", dtypes, only=variants, outside=outside)
 
 
-def matrix_verdict(sides_spec=None, variants=None, dtypes=("float64", "float32"), only=None) -> dict:
+def matrix_verdict(sides_spec=None, variants=None, dtypes=("float64", "float32"), only=None, impl=None) -> dict:
     """Run the matrix stage by stage; the first failing comparison: {"verdict": "killed", "by": ...}.
-    `only`: the names of the cases to run (those that execute the mutated line; None: every case)."""
+    `only`: the names of the cases to run (those that execute the mutated line; None: every case).
+    `impl`: an Impl (an outside implementation through conformance.external, as `python -m conformance
+    --impl / --impl-cmd` runs it), instead of the Sides."""
     from conformance.engine import run_case
+    if impl is not None:
+        from conformance.external import run_job
+        for job in impl.jobs(variants, dtypes):
+            if only is None or job.case.name() in only:
+                o = run_job(job)
+                if not o.passed:
+                    c = o.first_failure()
+                    return {"verdict": "killed", "by": f"{o.config} " + (f"{c.check} {c.tensor}" if c else o.message)}
+        return {"verdict": "survived"}
     sides = _load_sides(sides_spec)
     todo = [c for c in matrix_cases(variants, dtypes) if only is None or c.name() in only]
     for checks in STAGES:
@@ -237,9 +273,43 @@ def matrix_verdict(sides_spec=None, variants=None, dtypes=("float64", "float32")
     return {"verdict": "survived"}
 
 
-def oracle_outputs(sides_spec=None, variants=None) -> dict:
-    """The manual side's outputs on every float64 and float32 case, as {name: ndarray} (0 tolerance)."""
+@dataclass
+class Impl:
+    """An outside implementation under mutation: `--impl package.module:factory` (in process) or
+    `--impl-cmd 'CMD {case} {out}'` (a program), with `steps` optimizer steps per configuration."""
+    impl: str | None = None
+    cmd: str | None = None
+    steps: int = 3
+
+    def jobs(self, variants=None, dtypes=("float64", "float32"), keep=None) -> list:
+        from conformance.external import DEFAULT_TIMEOUT, MatrixJob, wants_steps
+        steps = self.steps if (self.impl or wants_steps(self.cmd)) else 0
+        return [MatrixJob(case, impl=self.impl, cmd=self.cmd, steps=steps, timeout=DEFAULT_TIMEOUT, keep=keep)
+                for case in matrix_cases(variants, dtypes, outside=True)]
+
+
+def impl_outputs(impl: Impl, variants=None) -> dict:
+    """The outside implementation's own tensors on every case (what it dumps: forward and backward, and
+    the training run's when it has one), as {name: ndarray} for the zero-tolerance oracle."""
     import numpy as np
+    from conformance.external import run_job
+    from manual.checkpoint import load_tensors
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="mutate-oracle-") as keep:
+        for job in impl.jobs(variants, keep=keep):
+            o = run_job(job)
+            out[f"{job.case.name()}.status"] = np.asarray(o.status != "unsupported")
+        for f in sorted(Path(keep).rglob("*.safetensors")):
+            out.update({f"{f.relative_to(keep)}:{k}": v for k, v in load_tensors(f)[0].items()})
+    return out
+
+
+def oracle_outputs(sides_spec=None, variants=None, impl: Impl | None = None) -> dict:
+    """The manual side's outputs on every float64 and float32 case, as {name: ndarray} (0 tolerance);
+    an outside implementation's (impl_outputs) when `impl` is given."""
+    import numpy as np
+    if impl is not None:
+        return impl_outputs(impl, variants)
     from conformance import trajectory
     from conformance.engine import init_params, make_batch, trajectory_batches
     from manual import registry
@@ -248,14 +318,18 @@ def oracle_outputs(sides_spec=None, variants=None) -> dict:
     out = {}
     for case in matrix_cases(variants):
         key = case.name()
-        kw = {} if case.flash_block is None else {"flash_block": case.flash_block}
-        m = sides.manual.from_params(case.cfg, init_params(case), **kw)
+        kw = dict(case.manual_kwargs)
+        if case.flash_block is not None:
+            kw["flash_block"] = case.flash_block
         ids, targets = make_batch(case.cfg, case.batch, case.T, case.seed, case.pad)
-        m.zero_grad()
-        out[f"{key}.loss"] = np.asarray(m.forward(ids, targets))
-        out[f"{key}.logits"] = np.array(m.logits)
-        m.backward()
-        out.update({f"{key}.grad.{n}": np.array(g) for n, g in m.grads.items()})
+        for mode in ("none", "blocks"):          # activation recomputation: its own forward path
+            extra = {} if mode == "none" else {"recompute": mode}
+            m = sides.manual.from_params(case.cfg, init_params(case), **kw, **extra)
+            m.zero_grad()
+            out[f"{key}.{mode}.loss"] = np.asarray(m.forward(ids, targets))
+            out[f"{key}.{mode}.logits"] = np.array(m.logits)
+            m.backward()
+            out.update({f"{key}.{mode}.grad.{n}": np.array(g) for n, g in m.grads.items()})
         out[f"{key}.tokens"] = np.asarray(sides.manual_generate(m, ids[0, :4], 5, temperature=0.0))
         for kind in case.optimizers:
             hp, clip = trajectory.OPTIMIZERS[kind]
@@ -296,7 +370,7 @@ def line_map(files: list[str], sides_spec=None, variants=None, dtypes=("float64"
         cov = coverage.Coverage(data_file=None, include=list(paths), branch=False, config_file=False)
         cov.start()
         try:
-            run_case(case, FAST + ("optimizer", "generation"), sides=sides)   # memory, training: same code again
+            run_case(case, FAST + ("optimizer", "generation", "recompute"), sides=sides)   # memory, training: same code again
         finally:
             cov.stop()
         data = cov.get_data()
@@ -311,11 +385,12 @@ def _verdict(args, only=None) -> dict:
     """This tree's verdict (the mutant is already written into it)."""
     import numpy as np
     try:
-        v = matrix_verdict(args.sides, args.variant, tuple(args.dtype), only)
+        impl = _impl_of(args)
+        v = matrix_verdict(args.sides, args.variant, tuple(args.dtype), only, impl)
         if v["verdict"] == "survived":
             with np.load(args.oracle_ref, allow_pickle=False) as ref:
                 try:
-                    mine = oracle_outputs(args.sides, args.variant)
+                    mine = oracle_outputs(args.sides, args.variant, impl)
                 except Exception as exc:   # the oracle's own runs crash: an observable change
                     mine = {"error": repr(exc)}
                 changed = [k for k in ref.files if k not in mine or not np.array_equal(ref[k], mine[k], equal_nan=True)]
@@ -323,6 +398,10 @@ def _verdict(args, only=None) -> dict:
     except Exception as exc:
         v = {"verdict": "crashed", "by": f"{type(exc).__name__}: {str(exc)[:200]}"}
     return v
+
+
+def _impl_of(args) -> Impl | None:
+    return Impl(args.impl, args.impl_cmd, args.impl_steps) if (args.impl or args.impl_cmd) else None
 
 
 def _fresh_imports(tree: Path) -> None:
@@ -342,9 +421,11 @@ def _child(args) -> int:
     import numpy as np
     import torch  # noqa: F401  (loaded once, kept across mutants)
     if args.oracle_only:
-        Path(args.oracle_out + ".lines.json").write_text(
-            json.dumps(line_map(args.file, args.sides, args.variant, tuple(args.dtype))))
-        np.savez(args.oracle_out, **oracle_outputs(args.sides, args.variant))
+        impl = _impl_of(args)
+        # an outside implementation: no line map (a program's lines cannot be traced from here), every case runs
+        lines = None if impl else line_map(args.file, args.sides, args.variant, tuple(args.dtype))
+        Path(args.oracle_out + ".lines.json").write_text(json.dumps(lines))
+        np.savez(args.oracle_out, **oracle_outputs(args.sides, args.variant, impl))
         print(json.dumps({"verdict": "oracle"}))
         return 0
     tree = Path.cwd()
@@ -374,11 +455,13 @@ def _child_cmd(tree: Path, extra: list[str]):
 
 @dataclass
 class Matrix:
-    """What the child runs per mutant: matrix variants (None: all), dtypes, the Sides factory, a timeout."""
+    """What the child runs per mutant: matrix variants (None: all), dtypes, the Sides factory or an
+    outside implementation (Impl), a timeout."""
     variants: list | None = None
     dtypes: tuple = ("float64", "float32")
     sides: str | None = None
     timeout: int = TIMEOUT_S
+    impl: Impl | None = None
 
     def argv(self) -> list[str]:
         out = []
@@ -386,6 +469,9 @@ class Matrix:
             out += ["--variant", v]
         for d in self.dtypes:
             out += ["--dtype", d]
+        if self.impl is not None:
+            out += (["--impl", self.impl.impl] if self.impl.impl else ["--impl-cmd", self.impl.cmd])
+            out += ["--impl-steps", str(self.impl.steps)]
         return out + (["--sides", self.sides] if self.sides else [])
 
 
@@ -436,15 +522,15 @@ def run_mutants(mutants: list[Mutant], root: Path = ROOT, workers: int = 2, matr
             try:
                 path.write_text(m.apply(original))
                 t0 = time.perf_counter()
-                only = lines.get(m.file, {}).get(str(m.stmt_line), [])
+                only = None if lines is None else lines.get(m.file, {}).get(str(m.stmt_line), [])
                 v = ask(w, only)
-                v["cases"] = len(only)
+                v["cases"] = "all" if only is None else len(only)
                 v["seconds"] = round(time.perf_counter() - t0, 1)
             finally:
                 path.write_text(original)
                 free.append(w)
             results[i] = {**asdict(m), **v, "diff": m.diff(original)}
-            progress(f"[{sum(r is not None for r in results)}/{len(mutants)}] {m.file}:{m.line} {m.kind} "
+            progress(f"[{sum(r is not None for r in results)}/{len(mutants)}] {m.file}:{m.line}:{m.start[1] + 1} {m.kind} "
                      f"{m.old!r} -> {m.new!r}: {v['verdict']}")
 
         with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -478,7 +564,15 @@ def main(argv=None) -> int:
     p.add_argument("--file", action="append", help="files to mutate, relative to --root (repeatable; default: "
                                                    "manual/layers/*.py, manual/model.py, manual/optim.py)")
     p.add_argument("--sides", help="module:function returning the conformance.engine.Sides to check "
-                                   "(an outside implementation; imported from the copied --root)")
+                                   "(a drop-in manual side; imported from the copied --root)")
+    p.add_argument("--impl", metavar="MODULE:FACTORY",
+                   help="an outside implementation in Python, checked as `python -m conformance --impl` checks it "
+                        "(imported from the copied --root)")
+    p.add_argument("--impl-cmd", metavar="'CMD {case} {out}'",
+                   help="an outside program, checked as `python -m conformance --impl-cmd` checks it (run in the "
+                        "copied --root)")
+    p.add_argument("--impl-steps", type=int, default=3,
+                   help="optimizer steps per configuration for --impl / --impl-cmd (default 3)")
     p.add_argument("--sample", type=int, help="check N mutants drawn at random (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", help="only mutants whose 'file:line' starts with this")
@@ -498,6 +592,10 @@ def main(argv=None) -> int:
         return _child(args)
     if args.workers < 1:
         p.error(f"--workers must be >= 1, got {args.workers}")
+    if sum(bool(x) for x in (args.sides, args.impl, args.impl_cmd)) > 1:
+        p.error("give one of --sides, --impl, --impl-cmd")
+    if args.impl_steps < 0:
+        p.error(f"--impl-steps must be >= 0, got {args.impl_steps}")
     root = args.root.resolve()
     files = args.file or DEFAULT_FILES
     missing = [f for f in files if not (root / f).is_file()]
@@ -508,13 +606,13 @@ def main(argv=None) -> int:
         mutants = [m for m in mutants if f"{m.file}:{m.line}".startswith(args.only)]
     if args.list:
         for m in mutants:
-            print(f"{m.file}:{m.line} {m.kind}: {m.old!r} -> {m.new!r}")
+            print(f"{m.file}:{m.line}:{m.start[1] + 1} {m.kind}: {m.old!r} -> {m.new!r}")
         print(f"{len(mutants)} candidate mutants")
         return 0
     if args.sample is not None and args.sample < len(mutants):
         mutants = sorted(random.Random(args.seed).sample(mutants, args.sample), key=lambda m: (m.file, m.start))
     print(f"{len(mutants)} mutants, {args.workers} workers", flush=True)
-    matrix = Matrix(args.variant, tuple(args.dtype), args.sides, args.timeout)
+    matrix = Matrix(args.variant, tuple(args.dtype), args.sides, args.timeout, _impl_of(args))
     results = run_mutants(mutants, root, args.workers, matrix, progress=lambda s: print(s, flush=True))
     print(summary(results))
     if args.json:
