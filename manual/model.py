@@ -242,7 +242,7 @@ class Model:
         taps["ln_f.out"] = xf
         logits, c_head = unembed_forward(xf, W_out, **ws_kw(ws, "lm_head"))          # (B, T, V)
         taps["logits"] = logits
-        # which heads have a target (all of them without targets: the caches stay as without a loss)
+        # which heads have a target (without targets there is no loss to leave a head out of: all keep)
         active = (True,) * k if targets is None else memory.heads_with_targets(cfg, targets)
         head_logits, c_mtp = [logits], []
         for j in range(2, k + 1):
@@ -304,7 +304,7 @@ class Model:
         for j in range(k, 1, -1):
             c_mtp = c.mtp[j - 2]
             if c_mtp is None:                  # no target: the loss does not depend on head j at all
-                dlogits_j = empty(ws, f"mtp.{j}.logits.dout", c.head.x.shape[:2] + (cfg.vocab_size,), xf.dtype)
+                dlogits_j = empty(ws, f"mtp.{j}.logits.dout", xf.shape[:2] + (cfg.vocab_size,), xf.dtype)
                 dh_j = empty(ws, f"mtp.{j}.dout", xf.shape, xf.dtype)
                 dlogits_j.fill(0)                                                    # (B, T, V)
                 dh_j.fill(0)                                                         # (B, T, C)
