@@ -109,6 +109,7 @@ def memory_checks(case, path, m, r, ids, targets, sides) -> list[Comparison]:
     cfg, lab = case.cfg, case.name()
     out: list[Comparison] = []
     B, T = ids.shape
+    active = mmem.heads_with_targets(cfg, targets)   # a head without targets keeps nothing (manual.memory)
 
     # parameters, gradients, optimizer state: manual = reference = closed form
     for kind in ("adamw", "sgd"):
@@ -134,13 +135,13 @@ def memory_checks(case, path, m, r, ids, targets, sides) -> list[Comparison]:
 
     # activations kept for backward
     m.forward(ids, targets)
-    out += activation_byte_checks(lab, m.cache_bytes(), mmem.activation_bytes(cfg, B, T),
+    out += activation_byte_checks(lab, m.cache_bytes(), mmem.activation_bytes(cfg, B, T, active=active),
                                   ropt.activation_saved_bytes(r, ids, targets),
                                   "activation bytes (manual caches vs closed form)",
                                   "activation bytes ratio manual/reference")
 
     # transient peak of forward + backward, tracemalloc against the prediction
-    predicted_peak = mmem.peak_bytes(cfg, B, T)
+    predicted_peak = mmem.peak_bytes(cfg, B, T, active)
     measured_peak = manual_peak_bytes(sides.manual.load(path), ids, targets)
     rel = abs(measured_peak - predicted_peak) / predicted_peak
     out.append(Comparison(config=lab, check="memory", tensor="forward+backward peak (tracemalloc vs predicted)",
@@ -191,7 +192,8 @@ def recompute_checks(case, path, ids, targets, sides) -> list[Comparison]:
                                  check="recompute", config=lab))
         out.append(compare(g_b[name], r.grads[name], tensor=f"{name} grad (recompute=blocks, manual vs reference)",
                            check="recompute", config=lab, expect_dtype=dt))
-    out += activation_byte_checks(lab, kept_b, mmem.activation_bytes(cfg, B, T, recompute="blocks"),
+    out += activation_byte_checks(lab, kept_b, mmem.activation_bytes(cfg, B, T, recompute="blocks",
+                                                                   active=mmem.heads_with_targets(cfg, targets)),
                                   ropt.activation_saved_bytes(r, ids, targets),
                                   "activation bytes, recompute=blocks (manual vs closed form)",
                                   "activation bytes ratio manual/reference, recompute=blocks", check="recompute")

@@ -25,6 +25,11 @@ With s = bytes per float (4 for float32, 8 for float64) and int64 ids (8 bytes):
     mtp.j          mtp.j.out (unembed.x), j = 2..k       s B T C      (dW_out = dlogits_j^T h_j; k = n_future)
     loss.j         softmax p, targets, j = 1..k          s B T V + 8 B T   (only when forward had targets)
 
+A head without any non-PAD target (heads_with_targets: an "idle" head, e.g. j > T or targets PAD past
+the first position) is not part of the loss, so backward skips it and it keeps nothing: its mtp.j and
+loss.j rows are 0 (pass `active=heads_with_targets(cfg, targets)`). Autograd keeps a little more there:
+the reference builds the head's graph before its loss is left out, so it saves h_j (s B T C) for it.
+
 Activation recomputation (Model(cfg, recompute="blocks")): a block keeps only its input, so every
 `h.i.*` row above becomes one row
     h.i            the block's input x (BlockInputCache)  s B T C      (backward reruns the block from it)
@@ -74,11 +79,32 @@ def kept_tap_names(cfg: ModelConfig, recompute: str = "none") -> list[str]:
     return [n for n in names if not n.startswith("h.") or n in outs]
 
 
+def heads_with_targets(cfg: ModelConfig, targets) -> tuple[bool, ...]:
+    """Per prediction head j = 1..n_future: whether its targets (`targets` (B, T) shifted left by j - 1,
+    registry.future_targets) hold at least one non-PAD token. A head without is left out of the loss."""
+    from .registry import future_targets
+    return tuple(bool((future_targets(targets, j, cfg.pad_id) != cfg.pad_id).any())
+                 for j in range(1, cfg.n_future + 1))
+
+
+def _active(cfg: ModelConfig, active) -> tuple[bool, ...]:
+    """`active` as a checked tuple of n_future bools (None: every head has targets)."""
+    if active is None:
+        return (True,) * cfg.n_future
+    active = tuple(bool(a) for a in active)
+    if len(active) != cfg.n_future:
+        raise ValueError(f"active must hold one flag per prediction head (n_future = {cfg.n_future}), "
+                         f"got {len(active)}: {active}")
+    return active
+
+
 def activation_breakdown(cfg: ModelConfig, B: int, T: int, with_targets: bool = True,
-                         recompute: str = "none") -> dict[str, int]:
+                         recompute: str = "none", active=None) -> dict[str, int]:
     """Bytes cached for backward per layer, keyed like Model.cache_breakdown() (one 'h.{i}' entry per
-    block, its input, with recompute="blocks")."""
+    block, its input, with recompute="blocks"). `active`: per head j = 1..k whether it has a non-PAD
+    target (heads_with_targets; default: every head), read only with targets: a head without keeps 0."""
     _check_recompute(recompute)
+    active = _active(cfg, active) if with_targets else (True,) * cfg.n_future
     s = _float_bytes(cfg)
     C, H, F, V = cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.vocab_size
     BT = B * T
@@ -95,14 +121,15 @@ def activation_breakdown(cfg: ModelConfig, B: int, T: int, with_targets: bool = 
     out["ln_f"] = ln
     out["lm_head"] = s * BT * C
     for j in range(2, cfg.n_future + 1):
-        out[f"mtp.{j}"] = s * BT * C
+        out[f"mtp.{j}"] = s * BT * C * active[j - 1]
     if with_targets:
         for j in range(1, cfg.n_future + 1):
-            out[f"loss.{j}"] = s * BT * V + INT64 * BT
+            out[f"loss.{j}"] = (s * BT * V + INT64 * BT) * active[j - 1]
     return out
 
 
-def activation_bytes(cfg: ModelConfig, B: int, T: int, with_targets: bool = True, recompute: str = "none") -> int:
+def activation_bytes(cfg: ModelConfig, B: int, T: int, with_targets: bool = True, recompute: str = "none",
+                     active=None) -> int:
     """Total bytes the manual forward keeps for backward (with recompute="blocks" each block's
     L * (...) term below is replaced by s B T C, its input):
 
@@ -113,8 +140,9 @@ def activation_bytes(cfg: ModelConfig, B: int, T: int, with_targets: bool = True
       + s (B T C + B T) + s B T C                 ln_f, the heads' shared input
       + (n_future - 1) s B T C                    extra heads' outputs
       + n_future (s B T V + 8 B T)                losses (with targets)
+    where a head without targets (`active`, see activation_breakdown) counts in neither of the last two.
     """
-    return sum(activation_breakdown(cfg, B, T, with_targets, recompute).values())
+    return sum(activation_breakdown(cfg, B, T, with_targets, recompute, active).values())
 
 
 def recompute_block_bytes(cfg: ModelConfig, B: int, T: int) -> int:
@@ -124,7 +152,7 @@ def recompute_block_bytes(cfg: ModelConfig, B: int, T: int) -> int:
     return sum(v for k, v in rows.items() if k.startswith("h.0."))
 
 
-def held_after_forward_bytes(cfg: ModelConfig, B: int, T: int) -> int:
+def held_after_forward_bytes(cfg: ModelConfig, B: int, T: int, active=None) -> int:
     """Bytes a forward with targets allocates and keeps (caches and taps together, each buffer once).
 
     Per block: 12 B T C (embed-free residual stream values: layer-norm xhat and outputs x2,
@@ -132,14 +160,16 @@ def held_after_forward_bytes(cfg: ModelConfig, B: int, T: int) -> int:
     + 2 B H T T (att, probs) for standard attention, or B H T (lse) for flash.
     Around the blocks: ids and targets (8 B T each, + 8 B T per extra head's shifted targets),
     embed.out (B T C), ln_f (2 B T C + B T), per head logits and softmax (2 B T V), per extra head
-    its output (B T C).
+    its output (B T C). A head without targets (`active`, see activation_breakdown) keeps its logits
+    and output (taps) but no softmax and no shifted targets.
     """
     s = _float_bytes(cfg)
     C, H, F, V, L, k = cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.vocab_size, cfg.n_layers, cfg.n_future
+    n = sum(_active(cfg, active))          # heads with targets (head 1 always)
     BT = B * T
     att = 2 * B * H * T * T if cfg.attention == "standard" else B * H * T
     block = 12 * BT * C + 2 * BT + 2 * BT * F + att
-    return (INT64 * BT * (1 + k) + s * (BT * C + L * block + 2 * BT * C + BT + 2 * k * BT * V
+    return (INT64 * BT * (1 + n) + s * (BT * C + L * block + 2 * BT * C + BT + (k + n) * BT * V
                                         + (k - 1) * BT * C))
 
 
@@ -175,7 +205,7 @@ def sharded_adamw_state_bytes(cfg: ModelConfig, world: int) -> int:
     return 2 * S * (4 if cfg.dtype == "float32" else 8)
 
 
-def peak_bytes(cfg: ModelConfig, B: int, T: int) -> int:
+def peak_bytes(cfg: ModelConfig, B: int, T: int, active=None) -> int:
     """Transient peak of one forward + backward (with targets) ABOVE what was live before it.
 
     The parameters and gradient buffers exist before and are not counted; neither is the
@@ -187,12 +217,13 @@ def peak_bytes(cfg: ModelConfig, B: int, T: int) -> int:
                                    dqkv (B, T, 3C) and the largest parameter-shaped temporary
                                    (x^T dy before it is added into the gradient buffer).
     Python objects (dicts, tuples) add a few kB; measured with tracemalloc the prediction holds
-    to within a few percent for B T >= 64 (tests/test_model.py, conformance/memory.py).
+    to within a few percent for B T >= 64 (tests/test_model.py, conformance/memory.py). `active`: the
+    heads with targets (see activation_breakdown); the tap gradients of the others are zeros, full size.
     """
     s = _float_bytes(cfg)
     C, F, V = cfg.d_model, cfg.d_ff, cfg.vocab_size
     workspace = s * (3 * B * T * C + max(V * C, C * F, 3 * C * C))
-    return held_after_forward_bytes(cfg, B, T) + tap_grad_bytes(cfg, B, T) + workspace
+    return held_after_forward_bytes(cfg, B, T, active) + tap_grad_bytes(cfg, B, T) + workspace
 
 
 def peak_bytes_closed_form(cfg: ModelConfig, B: int, T: int) -> int:

@@ -10,6 +10,10 @@ list read bottom-up, call for call. Every gradient is written by hand in manual/
         logits_j = h_j @ W_out^T                    mtp.{j}.logits     (B, T, V)
     loss = mean over heads with >= 1 non-PAD target of loss_j(logits_j / temperature, targets shifted by j-1)
 
+A head without any non-PAD target (an "idle" head: T <= j - 1, or PAD wherever it would look) is left
+out of that mean. Its logits and taps are still computed, but it keeps no cache (no projection input,
+no softmax) and its backward is skipped: its tap gradients are zeros, its mtp.{j} gradients stay zero.
+
 Usage:
     model = Model(cfg, seed=0)            # or Model.from_params(cfg, params) / Model.load(path)
     loss = model.forward(ids, targets)    # ids, targets (B, T) ints
@@ -84,8 +88,8 @@ class ForwardCache:
     blocks: list[BlockCache] | list[BlockInputCache]   # one per layer (BlockInputCache: recompute="blocks")
     ln_f: LayerNormCache
     head: LinearCache          # unembed cache of head 1: x = xf (B, T, C), W = W_out
-    mtp: list[MTPCache]        # per extra head j = 2..k
-    loss: list[LossCache] | None   # per head; None when forward had no targets
+    mtp: list[MTPCache | None]     # per extra head j = 2..k; None: a head without targets (nothing to keep)
+    loss: list[LossCache | None] | None   # per head; None when forward had no targets, None for a head without
     n_valid: list[int] | None      # per head: number of non-PAD targets
 
     def layers(self) -> list[tuple[str, tuple]]:
@@ -238,6 +242,8 @@ class Model:
         taps["ln_f.out"] = xf
         logits, c_head = unembed_forward(xf, W_out, **ws_kw(ws, "lm_head"))          # (B, T, V)
         taps["logits"] = logits
+        # which heads have a target (without targets there is no loss to leave a head out of: all keep)
+        active = (True,) * k if targets is None else memory.heads_with_targets(cfg, targets)
         head_logits, c_mtp = [logits], []
         for j in range(2, k + 1):
             h_j, c_lin = linear_forward(xf, p[f"mtp.{j}.weight"], p.get(f"mtp.{j}.bias"),
@@ -245,18 +251,22 @@ class Model:
             logits_j, c_un = unembed_forward(h_j, W_out, **ws_kw(ws, f"mtp.{j}.logits"))  # (B, T, V)
             taps[f"mtp.{j}.out"], taps[f"mtp.{j}.logits"] = h_j, logits_j
             head_logits.append(logits_j)
-            c_mtp.append(MTPCache(c_lin, c_un))
+            # a head without targets: backward skips it, so it keeps nothing (h_j lives on as a tap only)
+            c_mtp.append(MTPCache(c_lin, c_un) if active[j - 1] else None)
 
         c_loss = n_valid = None
         if targets is not None:
             c_loss, n_valid, losses = [], [], []
             for j in range(1, k + 1):
+                if not active[j - 1]:          # no target: not in the mean, no softmax computed or kept
+                    c_loss.append(None)
+                    n_valid.append(0)
+                    continue
                 (loss_j, n_j), c = loss_forward(head_logits[j - 1], future_targets(targets, j, cfg.pad_id),
                                                 cfg.pad_id, cfg.temperature, cfg.loss, **ws_kw(ws, f"loss.{j}"))
                 c_loss.append(c)
                 n_valid.append(n_j)
-                if n_j:
-                    losses.append(loss_j)
+                losses.append(loss_j)
             # mean over the heads that have at least one non-PAD target (head 1 always has one here)
             self.loss = float(np.sum(losses, dtype=self._dtype) / self._dtype.type(len(losses)))
 
@@ -282,18 +292,26 @@ class Model:
         ws_blocks = None if self.recompute == "blocks" else ws
 
         # The seed: loss = (1 / n_active) * sum over active heads of loss_j (the mean over heads), so the
-        # backward of that mean sends dloss / n_active to each active head and 0 to a head without targets.
+        # backward of that mean sends dloss / n_active to each active head; a head without targets is
+        # not in the sum and gets nothing (its branch is skipped below).
         dloss = 1.0
         n_active = sum(1 for n in c.n_valid if n)
-        dloss_head = [dloss / n_active if n else 0.0 for n in c.n_valid]
+        dloss_head = dloss / n_active
 
         xf = c.head.x
         dxf = empty(ws, "ln_f.dout", xf.shape, xf.dtype)                             # (B, T, C) sum over heads
         dxf.fill(0)
         for j in range(k, 1, -1):
             c_mtp = c.mtp[j - 2]
+            if c_mtp is None:                  # no target: the loss does not depend on head j at all
+                dlogits_j = empty(ws, f"mtp.{j}.logits.dout", xf.shape[:2] + (cfg.vocab_size,), xf.dtype)
+                dh_j = empty(ws, f"mtp.{j}.dout", xf.shape, xf.dtype)
+                dlogits_j.fill(0)                                                    # (B, T, V)
+                dh_j.fill(0)                                                         # (B, T, C)
+                rec[f"mtp.{j}.logits"], rec[f"mtp.{j}.out"] = dlogits_j, dh_j
+                continue
             # loss_j = loss(logits_j / temperature, targets shifted by j - 1)
-            dlogits_j = loss_backward(dloss_head[j - 1], c.loss[j - 1], **ws_kw(ws, f"loss.{j}"))   # (B, T, V)
+            dlogits_j = loss_backward(dloss_head, c.loss[j - 1], **ws_kw(ws, f"loss.{j}"))   # (B, T, V)
             # logits_j = h_j @ W_out^T        (W_out: contribution of head j)
             dh_j = unembed_backward(dlogits_j, c_mtp.unembed, dW_out, **ws_kw(ws, f"mtp.{j}.logits"))  # (B, T, C)
             # h_j = xf @ mtp.j.weight + mtp.j.bias
@@ -301,7 +319,7 @@ class Model:
                                    **ws_kw(ws, f"mtp.{j}"))
             rec[f"mtp.{j}.logits"], rec[f"mtp.{j}.out"] = dlogits_j, dh_j
         # loss_1 = loss(logits / temperature, targets)
-        dlogits = loss_backward(dloss_head[0], c.loss[0], **ws_kw(ws, "loss.1"))   # (B, T, V)
+        dlogits = loss_backward(dloss_head, c.loss[0], **ws_kw(ws, "loss.1"))     # (B, T, V)
         rec["logits"] = dlogits
         # logits = xf @ W_out^T               (W_out: contribution of head 1)
         dxf += unembed_backward(dlogits, c.head, dW_out, **ws_kw(ws, "lm_head"))    # (B, T, C)

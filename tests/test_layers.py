@@ -409,3 +409,14 @@ def test_loss_backward_fd(kind, temperature):
     assert np.all(dlogits[~valid] == 0)
     fd_check(f"loss ({kind})", lambda: up * float(loss_forward(logits, targets, 0, temperature, kind)[0][0]),
              {"logits": logits}, {"logits": dlogits}, n=20)
+
+
+@pytest.mark.parametrize("kind", ["cross_entropy", "brier"])
+def test_loss_of_a_head_without_targets_is_nan_and_has_no_backward(kind):
+    """n = 0: the loss is nan (no mean over no positions); backward refuses it with a clear error
+    (the model skips such a head instead: tests/test_model.py test_idle_heads_*)."""
+    rng = np.random.default_rng(11)
+    (loss, n), cache = loss_forward(rand(rng, B, T, V), np.zeros((B, T), dtype=np.int64), 0, 1.0, kind)
+    assert n == 0 and np.isnan(loss)
+    with pytest.raises(ValueError, match=r"no non-PAD target \(n = 0\).*skip the head"):
+        loss_backward(1.0, cache)

@@ -248,6 +248,73 @@ def test_debug_passes_on_a_healthy_model_including_an_idle_head():
     assert not model.grads["mtp.3.weight"].any() and model.grads["mtp.2.weight"].any()
 
 
+def idle_batch(cfg, B=2, T=6, seed=0):
+    """Targets only at position 0 of each row: heads 2..n_future have no target at all."""
+    ids, targets = batch(cfg, B=B, T=T, seed=seed, pad=False)
+    targets[:, 1:] = cfg.pad_id
+    return ids, targets
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(workspace=True), dict(recompute="blocks"), dict(debug=True)],
+                         ids=lambda kw: ",".join(kw) or "plain")
+def test_idle_heads_keep_nothing_and_add_nothing(kw):
+    """A head without targets: no cache (mtp.j and loss.j rows 0, as manual.memory states), zero tap
+    gradients of the registered shapes, zero mtp.j gradients, and every other gradient bit for bit
+    that of the same model with n_future = 1 (the idle heads are not part of the loss)."""
+    from manual.memory import heads_with_targets
+    cfg = small_cfg(n_future=3)
+    B, T = 2, 6
+    ids, targets = idle_batch(cfg, B, T)
+    active = heads_with_targets(cfg, targets)
+    assert active == (True, False, False)
+    model = perturbed_model(cfg, **kw)
+    one = Model.from_params(small_cfg(), {k: v for k, v in model.params.items() if not k.startswith("mtp.")}, **kw)
+    loss = model.forward(ids, targets)
+    assert loss == one.forward(ids, targets)
+    c = model.forward_cache
+    assert c.mtp == [None, None] and c.loss[1:] == [None, None] and c.n_valid == [B, 0, 0]
+    rows = model.cache_breakdown()
+    assert rows == activation_breakdown(cfg, B, T, recompute=model.recompute, active=active)
+    assert all(rows[name] == 0 for name in ("mtp.2", "mtp.3", "loss.2", "loss.3"))
+    s, C, V = 8, cfg.d_model, cfg.vocab_size
+    assert activation_bytes(cfg, B, T, recompute=model.recompute) - model.cache_bytes() \
+        == 2 * (s * B * T * C + s * B * T * V + 8 * B * T)
+    model.zero_grad()
+    one.zero_grad()
+    model.backward()
+    one.backward()
+    shapes = tap_shapes(cfg, B, T)
+    for j in (2, 3):
+        for name in (f"mtp.{j}.logits", f"mtp.{j}.out"):
+            g = model.tap_grads[name]
+            assert g.shape == shapes[name] and g.dtype == np.float64 and not g.any(), name
+        assert not model.grads[f"mtp.{j}.weight"].any() and not model.grads[f"mtp.{j}.bias"].any()
+    for name, g in one.grads.items():
+        assert np.array_equal(model.grads[name], g), name
+    for name, g in one.tap_grads.items():
+        assert np.array_equal(model.tap_grads[name], g), name
+
+
+def test_idle_heads_memory_closed_forms():
+    """The per-head closed forms: activation bytes and the tracemalloc peak (within 10%) with idle heads,
+    and `active` checked (one flag per head)."""
+    from manual.memory import heads_with_targets, measured_peak_bytes, peak_bytes
+    cfg = ModelConfig.preset("tiny", n_future=3)
+    B, T = 4, 20
+    ids, targets = idle_batch(cfg, B, T)
+    active = heads_with_targets(cfg, targets)
+    assert active == (True, False, False)
+    assert heads_with_targets(cfg, batch(cfg, B, T)[1]) == (True, True, True)
+    model = Model(cfg, 0)
+    model.forward(ids, targets)
+    assert model.cache_bytes() == activation_bytes(cfg, B, T, active=active) < activation_bytes(cfg, B, T)
+    got, predicted = measured_peak_bytes(model, ids, targets), peak_bytes(cfg, B, T, active)
+    assert abs(got - predicted) <= 0.10 * predicted, f"tracemalloc peak {got} B vs predicted {predicted} B"
+    assert predicted < peak_bytes(cfg, B, T)
+    with pytest.raises(ValueError, match=r"one flag per prediction head \(n_future = 3\), got 2"):
+        activation_bytes(cfg, B, T, active=(True, False))
+
+
 # -- checkpoints ---------------------------------------------------------------------------------------
 
 def test_checkpoint_round_trip_is_bit_exact(tmp_path):

@@ -7,7 +7,8 @@
     brier:          l[b, t] = sum_v (p[b, t, v] - onehot(y)[v])^2
     loss = sum_{valid} l / n                       (PAD positions count neither in the sum nor in n)
 
-Backward, for an upstream scalar gradient dloss (w = dloss / n on valid positions, 0 on PAD):
+Backward, for an upstream scalar gradient dloss (w = dloss / n on valid positions, 0 on PAD; a head
+with n = 0 has no loss to differentiate: the model skips it, loss_backward refuses it):
     cross_entropy:  dz = w (p - onehot(y))
     brier:          dz = w * 2 p (e - sum_v e_v p_v),  e = p - onehot(y)
                     (the softmax Jacobian dp_v/dz_k = p_v (delta_vk - p_k) applied to dl/dp = 2 e)
@@ -72,8 +73,10 @@ def loss_forward(logits, targets, pad_id, temperature, kind="cross_entropy", ws=
 def loss_backward(dloss, cache, ws=None):
     """dloss: the upstream gradient of this head's loss (a Python float). Returns dlogits (B, T, V)."""
     p, targets = cache.p, cache.targets
-    if cache.n == 0:                                           # a head without targets adds nothing
-        return np.zeros_like(p)
+    if cache.n == 0:
+        raise ValueError("loss_backward: this head has no non-PAD target (n = 0), so its loss (nan) is no part "
+                         "of any total and has no gradient; skip the head (manual.Model gives its tap "
+                         "gradients as zeros)")
     # w = dloss / n on valid positions, 0 on PAD; / temperature is the backward of z = logits / temperature
     w = (targets != cache.pad_id).astype(p.dtype) * (dloss / (cache.n * cache.temperature))  # (B, T)
     if cache.kind == "cross_entropy":

@@ -71,7 +71,8 @@ def manual_layer(node: Node, cfg: ModelConfig, x: dict, p: dict, dout, ids=None,
                 losses.append(float(lj))
         n_active = len(losses)
         for head, nj, cj in caches:
-            g[head] = L.loss_backward(float(dout) / n_active if nj else 0.0, cj)
+            # a head without targets is not in the loss: zero gradient (loss_backward refuses n = 0)
+            g[head] = L.loss_backward(float(dout) / n_active, cj) if nj else np.zeros_like(c[head])
         return np.asarray(np.mean(losses)), g
     raise ValueError(f"no manual layer for kind {k!r}")
 
