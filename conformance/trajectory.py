@@ -4,6 +4,8 @@ of every tensor) and the debugger (which stops at the first step that disagrees 
 
 Each step, in this order (the order the debugger reports the first divergence in):
 
+    (resume               SETUP "resume": both sides' optimizers rebuilt from their state_dict first)
+
     loss                  the forward's loss
     grad.<p>              every parameter gradient, registry order
     grad_norm             clipping (OPTIMIZERS; AdamW: global 2-norm 1.0), then clipped_grad.<p>
@@ -16,6 +18,8 @@ Comparisons are named `<kind>.<what>`, e.g. `adamw.param.transformer.wte.weight`
 """
 from __future__ import annotations
 
+import copy
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,8 +53,29 @@ OPTIMIZERS = {
     "sgd_dampening": (dict(lr=0.1, momentum=0.7, dampening=0.3, weight_decay=0.02), ("norm", 2.0, 1.0)),
     # no momentum: the plain step (no state), clipping by a 3-norm
     "sgd_plain": (dict(lr=0.2, weight_decay=0.05), ("norm", 0.5, 3.0)),
+    # the no-decay group with its own lr, betas and eps (SETUP), resumed from a state_dict after step 1
+    "adamw_groups": (dict(lr=2e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8), 1.0),
+    # the embeddings frozen (SETUP): an optimizer over the other parameters only
+    "adamw_frozen": (dict(lr=1e-3, weight_decay=0.1, betas=(0.8, 0.99), eps=1e-7), None),
 }
 DEFAULT_OPTIMIZERS = ("adamw", "sgd")
+
+# kind -> how the trajectory sets its optimizers up beyond OPTIMIZERS' hyperparameters, the same on both
+# sides (a kind not listed: none of it). Real recipes do all three. The keys:
+#   no_decay   hyperparameters of the no-decay group (biases, layer norms, embeddings) over the kind's
+#   frozen     parameters left out of the optimizer: neither side updates them (their gradients are
+#              still computed and compared; both sides zero them with the model's zero_grad)
+#   resume     after this step, each side's optimizer is replaced by a fresh one that loads the old
+#              one's state_dict (a run resumed from a checkpoint); the next steps compare as before
+# What they reach in manual/optim.py (issue 16's coverage): the no-decay group's own lr, betas and eps cut
+# the fused AdamW's chunks into runs; adamw_opts' no-decay group takes the exact path's other lerp branch
+# (beta1 0.9: weight 0.1 < 0.5); frozen embeddings leave the gradients short of the flat buffer, so
+# AdamW takes its per-tensor path; a resume moves the loaded state into the fused path's flat buffers.
+SETUP = {
+    "adamw_opts": dict(no_decay=dict(betas=(0.9, 0.999))),
+    "adamw_groups": dict(no_decay=dict(lr=5e-3, betas=(0.85, 0.99), eps=1e-6), resume=1),
+    "adamw_frozen": dict(frozen=("transformer.wte.weight", "transformer.wpe.weight")),
+}
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "momentum_buffer")   # the order state tensors are compared in
 
@@ -69,17 +94,36 @@ def teacher_forced(kind: str, dtype) -> bool:
 
 
 def make_optimizers(manual_optim, m, r, kind: str):
-    """The trajectory's optimizers over the decay groups: (manual optimizer, torch optimizer).
-    `manual_optim` is a module with SGD, AdamW and clip_grad_norm_ (Sides.manual_optim)."""
+    """The trajectory's optimizers over the decay groups (with the kind's SETUP): (manual optimizer,
+    torch optimizer). `manual_optim` is a module with SGD, AdamW and clip_grad_norm_ (Sides.manual_optim)."""
     from reference import optim as ropt
 
     hp, _clip = OPTIMIZERS[kind]
-    # without weight decay every decay group has 0: one default group is the same optimizer
-    groups = registry.decay_groups(m.cfg, hp["weight_decay"]) if hp["weight_decay"] else None
+    setup = SETUP.get(kind, {})
+    frozen = set(setup.get("frozen", ()))
+    groups = registry.decay_groups(m.cfg, hp["weight_decay"])
+    groups[1].update(setup.get("no_decay", {}))
+    groups = [{**g, "names": [n for n in g["names"] if n not in frozen]} for g in groups]
     family = optimizer_family(kind)
     cls = manual_optim.AdamW if family == "adamw" else manual_optim.SGD
-    mo = cls(m.params, m.grads, groups=groups, **hp)
-    return mo, ropt.make_optimizer(r, kind=family, **{k: v for k, v in hp.items() if k not in MANUAL_ONLY})
+    params, grads = m.params, m.grads            # the model's live dicts, or the part the optimizer trains
+    if frozen:
+        params, grads = ({n: d[n] for n in d if n not in frozen} for d in (m.params, m.grads))
+    # without weight decay (and SETUP) every decay group has 0: one default group is the same optimizer
+    mo = cls(params, grads, groups=groups if hp["weight_decay"] or setup else None, **hp)
+    torch_hp = {k: v for k, v in hp.items() if k not in MANUAL_ONLY}
+    return mo, ropt.make_optimizer(r, kind=family, groups=groups, **torch_hp)
+
+
+def resume(manual_optim, m, r, kind: str, mo, ro):
+    """Fresh optimizers of `kind` that load the state_dict of `mo` and `ro` (the manual one's metadata
+    through JSON, the torch one's deep-copied, as if both came from a checkpoint)."""
+    tensors, meta = mo.state_dict()
+    saved = copy.deepcopy(ro.state_dict())
+    mo, ro = make_optimizers(manual_optim, m, r, kind)
+    mo.load_state_dict(tensors, json.loads(json.dumps(meta)))
+    ro.load_state_dict(saved)
+    return mo, ro
 
 
 MANUAL_ONLY = ("exact",)     # options of manual/optim.py that torch's optimizers do not have
@@ -152,6 +196,7 @@ def run(manual_optim, m, r, kind: str, batches, label: str = "", snapshots: bool
     cfg = m.cfg
     dt = np.dtype(cfg.dtype)
     _hp, clip_spec = OPTIMIZERS[kind]
+    setup = SETUP.get(kind, {})
     mo, ro = make_optimizers(manual_optim, m, r, kind)
     forced = FORCED_NOTE if teacher_forced(kind, dt) else ""
     names = [s.name for s in registry.param_specs(cfg)]
@@ -168,7 +213,11 @@ def run(manual_optim, m, r, kind: str, batches, label: str = "", snapshots: bool
             for n in names:
                 cmp(mine.get(n, missing()), theirs[n], f"{what}.{n}", note)
 
+        if step - 1 == setup.get("resume"):
+            mo, ro = resume(manual_optim, m, r, kind, mo, ro)
         mo.zero_grad()
+        if setup.get("frozen"):
+            m.zero_grad()                # the frozen parameters' gradients too, as r.zero_grad() does
         r.zero_grad()
         before = Before({n: v.copy() for n, v in r.params.items()}, ropt.optimizer_state(r, ro)) \
             if snapshots else None
