@@ -41,11 +41,15 @@ OPTIMIZERS = {
     "sgd": (dict(lr=0.1, momentum=0.9, weight_decay=0.01), None),
     # betas, eps and weight decay all away from the others; clipping by value (elements of the
     # tiny model's gradients reach ~0.05, so 0.004 clamps a good share of them)
-    # beta1 0.4: lerp's weight 1 - beta1 >= 0.5 takes the other branch of optim._lerp_ (torch's too)
-    # exact=True: the manual AdamW's operation-for-operation torch mirror (a manual-only option)
+    # beta1 0.4, and 0.9 in the no-decay group (SETUP): lerp's weight 1 - beta1 >= 0.5 and < 0.5, both
+    # branches of optim._lerp_ (torch's too); exact=True: the manual AdamW's operation-for-operation torch
+    # mirror (a manual-only option)
     "adamw_opts": (dict(lr=3e-3, weight_decay=0.3, betas=(0.4, 0.99), eps=1e-3, exact=True), ("value", 0.004)),
-    # beta1 0.3 on the fused (default, exact=False) path: its lerp's other branch (1 - beta1 >= 0.5)
-    "adamw_b1": (dict(lr=2e-3, weight_decay=0.05, betas=(0.3, 0.9), eps=1e-6), 0.5),
+    # on the fused (default, exact=False) path: beta1 0.3 (lerp's weight >= 0.5: its other branch); the
+    # no-decay group with its own lr, betas and eps (SETUP); resumed from a state_dict after step 1
+    "adamw_groups": (dict(lr=2e-3, weight_decay=0.05, betas=(0.3, 0.9), eps=1e-6), 0.5),
+    # the embeddings frozen (SETUP): an optimizer over the other parameters only
+    "adamw_frozen": (dict(lr=1e-3, weight_decay=0.1, betas=(0.8, 0.99), eps=1e-7), None),
     # Nesterov momentum (needs dampening 0), max-norm clipping by the inf-norm, no weight decay (so no
     # groups either: the optimizer's default of one group over every parameter)
     "sgd_nesterov": (dict(lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.0), ("norm", 0.02, float("inf"))),
@@ -53,10 +57,6 @@ OPTIMIZERS = {
     "sgd_dampening": (dict(lr=0.1, momentum=0.7, dampening=0.3, weight_decay=0.02), ("norm", 2.0, 1.0)),
     # no momentum: the plain step (no state), clipping by a 3-norm
     "sgd_plain": (dict(lr=0.2, weight_decay=0.05), ("norm", 0.5, 3.0)),
-    # the no-decay group with its own lr, betas and eps (SETUP), resumed from a state_dict after step 1
-    "adamw_groups": (dict(lr=2e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8), 1.0),
-    # the embeddings frozen (SETUP): an optimizer over the other parameters only
-    "adamw_frozen": (dict(lr=1e-3, weight_decay=0.1, betas=(0.8, 0.99), eps=1e-7), None),
 }
 DEFAULT_OPTIMIZERS = ("adamw", "sgd")
 
@@ -68,12 +68,13 @@ DEFAULT_OPTIMIZERS = ("adamw", "sgd")
 #   resume     after this step, each side's optimizer is replaced by a fresh one that loads the old
 #              one's state_dict (a run resumed from a checkpoint); the next steps compare as before
 # What they reach in manual/optim.py (issue 16's coverage): the no-decay group's own lr, betas and eps cut
-# the fused AdamW's chunks into runs; adamw_opts' no-decay group takes the exact path's other lerp branch
-# (beta1 0.9: weight 0.1 < 0.5); frozen embeddings leave the gradients short of the flat buffer, so
-# AdamW takes its per-tensor path; a resume moves the loaded state into the fused path's flat buffers.
+# the fused AdamW's chunks into runs; the no-decay groups' beta1 0.85 and 0.9 (lerp weight < 0.5) take one
+# lerp branch of the fused and the exact path, the decay groups' beta1 0.3 and 0.4 (weight >= 0.5) the
+# other; frozen embeddings leave the gradients short of the flat buffer, so AdamW takes its per-tensor
+# path; a resume moves the loaded state into the fused path's flat buffers.
 SETUP = {
     "adamw_opts": dict(no_decay=dict(betas=(0.9, 0.999))),
-    "adamw_groups": dict(no_decay=dict(lr=5e-3, betas=(0.85, 0.99), eps=1e-6), resume=1),
+    "adamw_groups": dict(no_decay=dict(lr=5e-3, betas=(0.85, 0.99), eps=1e-8), resume=1),
     "adamw_frozen": dict(frozen=("transformer.wte.weight", "transformer.wpe.weight")),
 }
 
