@@ -258,8 +258,10 @@ class _FusedAdamW:
 
     def _runs(self, opt: AdamW) -> list[tuple[int, int]]:
         """[(first span, end span)]: the maximal runs of consecutive spans with equal (lr, betas, eps, step)."""
-        keys = [(g["lr"], tuple(g["betas"]), g["eps"], opt.state[name]["step"])
-                for g, name in ((opt.groups[self.group_of[name]], name) for name, _, _ in self.layout.spans)]
+        keys = []
+        for name, _, _ in self.layout.spans:
+            g = opt.groups[self.group_of[name]]
+            keys.append((g["lr"], tuple(g["betas"]), g["eps"], opt.state[name]["step"]))
         cuts = [i for i in range(1, len(keys)) if keys[i] != keys[i - 1]]
         return list(zip([0, *cuts], [*cuts, len(keys)]))
 
