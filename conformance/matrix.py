@@ -74,7 +74,7 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
                                                                        gen_tokens=3)),
     "stress":      ({}, dict(batch=4, seq_len=12, **STRESS)),
     "stress_flash": (dict(attention="flash"), dict(batch=4, seq_len=12, flash_block=5, **STRESS)),
-    "optim_adamw": ({}, dict(batch=2, seq_len=8, opt_steps=8, optimizers=("adamw_opts", "adamw_b1"))),
+    "optim_adamw": ({}, dict(batch=2, seq_len=8, opt_steps=8, optimizers=("adamw_opts", "adamw_groups", "adamw_frozen"))),
     "optim_sgd":   ({}, dict(batch=2, seq_len=8, opt_steps=8,
                          optimizers=("sgd_nesterov", "sgd_dampening", "sgd_plain"))),
     # the FFN's pre-activations at ~1e5: GELU saturates (erf = +-1 from its tail), both stay finite

@@ -4,6 +4,8 @@ of every tensor) and the debugger (which stops at the first step that disagrees 
 
 Each step, in this order (the order the debugger reports the first divergence in):
 
+    (resume               SETUP "resume": both sides' optimizers rebuilt from their state_dict first)
+
     loss                  the forward's loss
     grad.<p>              every parameter gradient, registry order
     grad_norm             clipping (OPTIMIZERS; AdamW: global 2-norm 1.0), then clipped_grad.<p>
@@ -16,6 +18,8 @@ Comparisons are named `<kind>.<what>`, e.g. `adamw.param.transformer.wte.weight`
 """
 from __future__ import annotations
 
+import copy
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,11 +41,15 @@ OPTIMIZERS = {
     "sgd": (dict(lr=0.1, momentum=0.9, weight_decay=0.01), None),
     # betas, eps and weight decay all away from the others; clipping by value (elements of the
     # tiny model's gradients reach ~0.05, so 0.004 clamps a good share of them)
-    # beta1 0.4: lerp's weight 1 - beta1 >= 0.5 takes the other branch of optim._lerp_ (torch's too)
-    # exact=True: the manual AdamW's operation-for-operation torch mirror (a manual-only option)
+    # beta1 0.4, and 0.9 in the no-decay group (SETUP): lerp's weight 1 - beta1 >= 0.5 and < 0.5, both
+    # branches of optim._lerp_ (torch's too); exact=True: the manual AdamW's operation-for-operation torch
+    # mirror (a manual-only option)
     "adamw_opts": (dict(lr=3e-3, weight_decay=0.3, betas=(0.4, 0.99), eps=1e-3, exact=True), ("value", 0.004)),
-    # beta1 0.3 on the fused (default, exact=False) path: its lerp's other branch (1 - beta1 >= 0.5)
-    "adamw_b1": (dict(lr=2e-3, weight_decay=0.05, betas=(0.3, 0.9), eps=1e-6), 0.5),
+    # on the fused (default, exact=False) path: beta1 0.3 (lerp's weight >= 0.5: its other branch); the
+    # no-decay group with its own lr, betas and eps (SETUP); resumed from a state_dict after step 1
+    "adamw_groups": (dict(lr=2e-3, weight_decay=0.05, betas=(0.3, 0.9), eps=1e-6), 0.5),
+    # the embeddings frozen (SETUP): an optimizer over the other parameters only
+    "adamw_frozen": (dict(lr=1e-3, weight_decay=0.1, betas=(0.8, 0.99), eps=1e-7), None),
     # Nesterov momentum (needs dampening 0), max-norm clipping by the inf-norm, no weight decay (so no
     # groups either: the optimizer's default of one group over every parameter)
     "sgd_nesterov": (dict(lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.0), ("norm", 0.02, float("inf"))),
@@ -51,6 +59,24 @@ OPTIMIZERS = {
     "sgd_plain": (dict(lr=0.2, weight_decay=0.05), ("norm", 0.5, 3.0)),
 }
 DEFAULT_OPTIMIZERS = ("adamw", "sgd")
+
+# kind -> how the trajectory sets its optimizers up beyond OPTIMIZERS' hyperparameters, the same on both
+# sides (a kind not listed: none of it). Real recipes do all three. The keys:
+#   no_decay   hyperparameters of the no-decay group (biases, layer norms, embeddings) over the kind's
+#   frozen     parameters left out of the optimizer: neither side updates them (their gradients are
+#              still computed and compared; both sides zero them with the model's zero_grad)
+#   resume     after this step, each side's optimizer is replaced by a fresh one that loads the old
+#              one's state_dict (a run resumed from a checkpoint); the next steps compare as before
+# What they reach in manual/optim.py (issue 16's coverage): the no-decay group's own lr, betas and eps cut
+# the fused AdamW's chunks into runs; the no-decay groups' beta1 0.85 and 0.9 (lerp weight < 0.5) take one
+# lerp branch of the fused and the exact path, the decay groups' beta1 0.3 and 0.4 (weight >= 0.5) the
+# other; frozen embeddings leave the gradients short of the flat buffer, so AdamW takes its per-tensor
+# path; a resume moves the loaded state into the fused path's flat buffers.
+SETUP = {
+    "adamw_opts": dict(no_decay=dict(betas=(0.9, 0.999))),
+    "adamw_groups": dict(no_decay=dict(lr=5e-3, betas=(0.85, 0.99), eps=1e-8), resume=1),
+    "adamw_frozen": dict(frozen=("transformer.wte.weight", "transformer.wpe.weight")),
+}
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "momentum_buffer")   # the order state tensors are compared in
 
@@ -69,17 +95,36 @@ def teacher_forced(kind: str, dtype) -> bool:
 
 
 def make_optimizers(manual_optim, m, r, kind: str):
-    """The trajectory's optimizers over the decay groups: (manual optimizer, torch optimizer).
-    `manual_optim` is a module with SGD, AdamW and clip_grad_norm_ (Sides.manual_optim)."""
+    """The trajectory's optimizers over the decay groups (with the kind's SETUP): (manual optimizer,
+    torch optimizer). `manual_optim` is a module with SGD, AdamW and clip_grad_norm_ (Sides.manual_optim)."""
     from reference import optim as ropt
 
     hp, _clip = OPTIMIZERS[kind]
-    # without weight decay every decay group has 0: one default group is the same optimizer
-    groups = registry.decay_groups(m.cfg, hp["weight_decay"]) if hp["weight_decay"] else None
+    setup = SETUP.get(kind, {})
+    frozen = set(setup.get("frozen", ()))
+    groups = registry.decay_groups(m.cfg, hp["weight_decay"])
+    groups[1].update(setup.get("no_decay", {}))
+    groups = [{**g, "names": [n for n in g["names"] if n not in frozen]} for g in groups]
     family = optimizer_family(kind)
     cls = manual_optim.AdamW if family == "adamw" else manual_optim.SGD
-    mo = cls(m.params, m.grads, groups=groups, **hp)
-    return mo, ropt.make_optimizer(r, kind=family, **{k: v for k, v in hp.items() if k not in MANUAL_ONLY})
+    params, grads = m.params, m.grads            # the model's live dicts, or the part the optimizer trains
+    if frozen:
+        params, grads = ({n: d[n] for n in d if n not in frozen} for d in (m.params, m.grads))
+    # without weight decay (and SETUP) every decay group has 0: one default group is the same optimizer
+    mo = cls(params, grads, groups=groups if hp["weight_decay"] or setup else None, **hp)
+    torch_hp = {k: v for k, v in hp.items() if k not in MANUAL_ONLY}
+    return mo, ropt.make_optimizer(r, kind=family, groups=groups, **torch_hp)
+
+
+def resume(manual_optim, m, r, kind: str, mo, ro):
+    """Fresh optimizers of `kind` that load the state_dict of `mo` and `ro` (the manual one's metadata
+    through JSON, the torch one's deep-copied, as if both came from a checkpoint)."""
+    tensors, meta = mo.state_dict()
+    saved = copy.deepcopy(ro.state_dict())
+    mo, ro = make_optimizers(manual_optim, m, r, kind)
+    mo.load_state_dict(tensors, json.loads(json.dumps(meta)))
+    ro.load_state_dict(saved)
+    return mo, ro
 
 
 MANUAL_ONLY = ("exact",)     # options of manual/optim.py that torch's optimizers do not have
@@ -152,6 +197,7 @@ def run(manual_optim, m, r, kind: str, batches, label: str = "", snapshots: bool
     cfg = m.cfg
     dt = np.dtype(cfg.dtype)
     _hp, clip_spec = OPTIMIZERS[kind]
+    setup = SETUP.get(kind, {})
     mo, ro = make_optimizers(manual_optim, m, r, kind)
     forced = FORCED_NOTE if teacher_forced(kind, dt) else ""
     names = [s.name for s in registry.param_specs(cfg)]
@@ -168,7 +214,11 @@ def run(manual_optim, m, r, kind: str, batches, label: str = "", snapshots: bool
             for n in names:
                 cmp(mine.get(n, missing()), theirs[n], f"{what}.{n}", note)
 
+        if step - 1 == setup.get("resume"):
+            mo, ro = resume(manual_optim, m, r, kind, mo, ro)
         mo.zero_grad()
+        if setup.get("frozen"):
+            m.zero_grad()                # the frozen parameters' gradients too, as r.zero_grad() does
         r.zero_grad()
         before = Before({n: v.copy() for n, v in r.params.items()}, ropt.optimizer_state(r, ro)) \
             if snapshots else None

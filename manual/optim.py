@@ -124,25 +124,17 @@ class AdamW(Optimizer):
     def _fused_plan(self) -> "_FusedAdamW | None":
         """The fused path's plan when it applies, else None (then the per-tensor loop runs).
 
-        It applies when: exact is off; the per-tensor update is AdamW's own (a subclass that
-        overrides `_update`, as tools/faults.py does to inject a bug, gets the per-tensor loop);
-        the gradients tile one flat buffer; every group has the same lr, betas and eps (weight
-        decay may differ); and every parameter has taken the same number of steps."""
+        It applies when exact is off, the per-tensor update is AdamW's own (a subclass that
+        overrides `_update`, as tools/faults.py does to inject a bug, gets the per-tensor loop), the
+        gradients tile one flat buffer (manual.Model's) and every parameter is one C-contiguous array
+        (its update goes through a flat view). Groups may differ in every hyperparameter and
+        parameters in their step counts: the plan cuts its chunks where they do."""
         if self.exact or type(self)._update is not AdamW._update:
             return None
         layout = self.flat_grads()
-        if layout is None:
-            return None
-        first = self.groups[0]
-        if any(g[k] != first[k] for g in self.groups for k in ("lr", "betas", "eps")):
-            return None
-        steps = {st["step"] for st in self.state.values()}
-        if self.state and (len(self.state) != len(self.params) or len(steps) > 1):
-            return None
         if self._fused is None or not self._fused.still(self, layout):
-            if not all(isinstance(p, np.ndarray) and p.flags.c_contiguous for p in self.params.values()):
-                return None
-            self._fused = _FusedAdamW(self, layout)
+            flat_params = all(isinstance(p, np.ndarray) and p.flags.c_contiguous for p in self.params.values())
+            self._fused = _FusedAdamW(self, layout) if layout is not None and flat_params else None
         return self._fused
 
     # -- validation and state_dict details (the machinery is in manual/optim_state.py) ---------
@@ -221,8 +213,14 @@ def _adamw_chunk(g, m, v, out, scratch, beta1, beta2, eps, step_size, bias_corre
 class _FusedAdamW:
     """AdamW over a flat gradient buffer: exp_avg / exp_avg_sq are two flat buffers of the same
     layout (state[name] holds views into them, so state_dict and memory accounting see per-name
-    arrays as before), and the update runs chunk by chunk (CHUNK elements) with two scratch
+    arrays as before), and the update runs chunk by chunk (at most CHUNK elements) with two scratch
     chunks. Each chunk's update is added into the pieces of the parameter tensors it covers.
+
+    A chunk lies within one run: consecutive parameters (in buffer order) whose groups have the same
+    lr, betas and eps and that have taken the same number of steps, so that one set of scalars
+    (`_adamw_scalars`) serves the whole chunk. Usually that is one run over the whole buffer; groups
+    with their own lr, betas or eps, or a parameter with its own step count (a state loaded so),
+    cut it into more. Weight decay is per parameter piece and cuts nothing.
 
     What it saves against the per-tensor loop: no allocation per step (the per-tensor path makes
     ~6 temporaries per tensor), ~12 NumPy calls per chunk instead of ~15 per tensor, and the
@@ -241,15 +239,9 @@ class _FusedAdamW:
                       for name, lo, hi in layout.spans}
         n = min(CHUNK, buf.size)
         self.out, self.scratch = np.empty(n, buf.dtype), np.empty(n, buf.dtype)
-        group_of = {name: i for i, g in enumerate(opt.groups) for name in g["names"]}
-        # chunks: (lo, hi, [(flat piece of a parameter, start, stop within the chunk, group index)])
-        self.chunks = []
-        for lo in range(0, buf.size, CHUNK):
-            hi = min(lo + CHUNK, buf.size)
-            pieces = [(self.params[name].reshape(-1)[max(lo, a) - a:min(hi, b) - a], max(lo, a) - lo,
-                       min(hi, b) - lo, group_of[name])
-                      for name, a, b in layout.spans if a < hi and b > lo]
-            self.chunks.append((lo, hi, pieces))
+        self.group_of = {name: i for i, g in enumerate(opt.groups) for name in g["names"]}
+        self.runs: list[tuple[int, int]] | None = None   # [(first span, end span)] the chunks were cut for
+        self.chunks: list = []
         # existing state (a previous per-tensor step, or load_state_dict) moves into the flat buffers
         for name, (m, v) in self.views.items():
             st = opt.state.get(name)
@@ -258,23 +250,54 @@ class _FusedAdamW:
                 v[...] = st["exp_avg_sq"]
                 st["exp_avg"], st["exp_avg_sq"] = m, v
 
-    def still(self, opt: AdamW, layout: FlatLayout) -> bool:
+    def still(self, opt: AdamW, layout: FlatLayout | None) -> bool:
         """The plan fits the optimizer's current params, grads and state (any may have been replaced)."""
         return layout is self.layout and all(opt.params.get(n) is p for n, p in self.params.items()) and \
             all(opt.state[n]["exp_avg"] is m and opt.state[n]["exp_avg_sq"] is v
                 for n, (m, v) in self.views.items() if n in opt.state)
 
+    def _runs(self, opt: AdamW) -> list[tuple[int, int]]:
+        """[(first span, end span)]: the maximal runs of consecutive spans with equal (lr, betas, eps, step)."""
+        keys = []
+        for name, _, _ in self.layout.spans:
+            g = opt.groups[self.group_of[name]]
+            keys.append((g["lr"], tuple(g["betas"]), g["eps"], opt.state[name]["step"]))
+        cuts = [i for i in range(1, len(keys)) if keys[i] != keys[i - 1]]
+        return list(zip([0, *cuts], [*cuts, len(keys)]))
+
+    def _cut(self, runs: list[tuple[int, int]]) -> list:
+        """The chunks of `runs`: [(lo, hi, run index, [(flat piece of a parameter, start, stop within
+        the chunk, group index)])], each run cut every CHUNK elements from its start."""
+        spans, chunks = self.layout.spans, []
+        for r, (first, end) in enumerate(runs):
+            run = spans[first:end]
+            for lo in range(run[0][1], run[-1][2], CHUNK):
+                hi = min(lo + CHUNK, run[-1][2])
+                pieces = [(self.params[name].reshape(-1)[max(lo, a) - a:min(hi, b) - a], max(lo, a) - lo,
+                           min(hi, b) - lo, self.group_of[name])
+                          for name, a, b in run if a < hi and b > lo]
+                chunks.append((lo, hi, r, pieces))
+        return chunks
+
     def step(self, opt: AdamW) -> None:
         for name, (m, v) in self.views.items():
-            st = opt.state.setdefault(name, {"step": 0, "exp_avg": m, "exp_avg_sq": v})
+            st = opt.state.get(name)
+            if st is None:                                       # its first step (or its state was deleted)
+                m.fill(0)
+                v.fill(0)
+                st = opt.state[name] = {"step": 0, "exp_avg": m, "exp_avg_sq": v}
             st["step"] += 1
-        step = next(iter(opt.state.values()))["step"]
-        scalars = _adamw_scalars(opt.groups[0], step)           # lr, betas, eps: equal in every group
+        runs = self._runs(opt)
+        if runs != self.runs:                                    # the first step, or groups edited since
+            self.runs, self.chunks = runs, self._cut(runs)
+        spans = self.layout.spans
+        scalars = [_adamw_scalars(opt.groups[self.group_of[spans[first][0]]], opt.state[spans[first][0]]["step"])
+                   for first, _ in runs]
         one = self.grads.dtype.type
         decay = [one(1 - g["lr"] * g["weight_decay"]) for g in opt.groups]
-        for lo, hi, pieces in self.chunks:
+        for lo, hi, r, pieces in self.chunks:
             out, scratch = self.out[:hi - lo], self.scratch[:hi - lo]
-            _adamw_chunk(self.grads[lo:hi], self.exp_avg[lo:hi], self.exp_avg_sq[lo:hi], out, scratch, *scalars)
+            _adamw_chunk(self.grads[lo:hi], self.exp_avg[lo:hi], self.exp_avg_sq[lo:hi], out, scratch, *scalars[r])
             for p, a, b, gi in pieces:
                 if decay[gi] != 1:
                     p *= decay[gi]                               # param.mul_(1 - lr * weight_decay)
@@ -426,8 +449,6 @@ def _norm(x: np.ndarray, norm_type: float) -> float:
         return 0.0
     if math.isinf(norm_type):
         return float(a.max())
-    if norm_type == 2.0:
-        return float(np.sqrt(np.dot(a, a)))
     if norm_type == 1.0:
         return float(a.sum())
     return float(np.sum(a ** norm_type) ** (1.0 / norm_type))

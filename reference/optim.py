@@ -21,20 +21,30 @@ STATE_KEYS = {"AdamW": ("exp_avg", "exp_avg_sq"), "SGD": ("momentum_buffer",)}
 
 def make_optimizer(model, kind: str = "adamw", lr: float = 1e-3, weight_decay: float = 0.0,
                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                   momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False) -> torch.optim.Optimizer:
-    """torch.optim.AdamW or SGD over the decay / no-decay groups of `model` (a reference.Model).
+                   momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
+                   groups: list[dict] | None = None) -> torch.optim.Optimizer:
+    """torch.optim.AdamW or SGD over parameter groups of `model` (a reference.Model).
 
-    Each group carries its canonical names as "param_names".
+    groups: in manual/optim.py's form, [{"names": [...], hyperparameter: value, ...}]: each group's
+    own hyperparameters over the arguments (torch's param_groups); a parameter in no group is not
+    optimised (frozen). Default: manual.registry.decay_groups(cfg, weight_decay), the decay / no-decay
+    groups. Each group carries its canonical names as "param_names".
     """
     params = model.torch_params
+    if groups is None:
+        groups = decay_groups(model.cfg, weight_decay)
+    unknown = sorted({n for g in groups for n in g["names"]} - set(params))
+    if unknown:
+        raise ValueError(f"optimizer groups name {unknown}, which are not parameters of the model "
+                         f"({len(params)} parameters, e.g. {list(params)[:3]})")
     groups = [{"params": [params[n] for n in g["names"]], "param_names": list(g["names"]),
-               "weight_decay": g["weight_decay"]}
-              for g in decay_groups(model.cfg, weight_decay) if g["names"]]
+               **{k: tuple(v) if k == "betas" else v for k, v in g.items() if k != "names"}}
+              for g in groups if g["names"]]
     if kind == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=False)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=False)
     if kind == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
-                               foreach=False)
+                               weight_decay=weight_decay, foreach=False)
     raise ValueError(f"optimizer kind must be 'adamw' or 'sgd', got {kind!r}")
 
 

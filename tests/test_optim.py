@@ -317,8 +317,8 @@ def test_adamw_float32_with_numpy_sqrt_within_a_few_ulp_per_step(kw, path):
 @pytest.mark.parametrize("flat", [False, True], ids=["per-tensor", "flat"])
 @pytest.mark.parametrize("lr0", [0.02, None], ids=["lr-per-group", "one-lr"])
 def test_groups_against_torch(flat, lr0):
-    """Groups with their own weight decay (the flat path fuses them) or their own lr (it falls back
-    to the per-tensor loop)."""
+    """Groups with their own weight decay or their own lr (the flat path fuses both; the second is cut
+    into runs of equal lr)."""
     groups = [{"names": ["h.0.attn.c_attn.weight", "odd"], "weight_decay": 0.5, **({"lr": lr0} if lr0 else {})},
               {"names": ["transformer.wte.weight", "h.0.attn.c_attn.bias", "transformer.ln_f.weight"],
                "weight_decay": 0.0}]
@@ -376,36 +376,130 @@ def test_clip_grad_value_against_torch():
 # ----------------------------------------------------------------------------------------------
 # 3. the fast path over a flat gradient buffer
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_flat_adamw_equals_per_tensor_bit_for_bit(dtype, monkeypatch):
-    """The same arithmetic chunk by chunk: a chunk of 50 elements splits tensors across chunks and
-    puts several small tensors in one chunk; two groups with different weight decay."""
-    monkeypatch.setattr(optim, "CHUNK", 50)
-    rng = np.random.default_rng(8)
-    start = {k: rng.standard_normal(s).astype(dtype) for k, s in SHAPES.items()}
-    groups = [{"names": ["h.0.attn.c_attn.weight", "odd"], "weight_decay": 0.3},
+# groups as real recipes set them: weight decay only (one run: the chunks cover the whole buffer), or the
+# no-decay group with its own lr, betas and eps (the chunks are cut wherever the group changes)
+DECAY_ONLY = [{"names": ["h.0.attn.c_attn.weight", "odd"], "weight_decay": 0.3},
               {"names": ["transformer.wte.weight", "h.0.attn.c_attn.bias", "transformer.ln_f.weight"],
                "weight_decay": 0.0}]
+OWN_HYPER = [DECAY_ONLY[0], {**DECAY_ONLY[1], "lr": 3e-3, "betas": (0.3, 0.99), "eps": 1e-6}]
+OWN = {"own-lr-betas-eps": OWN_HYPER, "own-beta1": [DECAY_ONLY[0], {**DECAY_ONLY[1], "betas": (0.8, 0.999)}],
+       "own-beta2": [DECAY_ONLY[0], {**DECAY_ONLY[1], "betas": (0.9, 0.99)}],
+       "own-eps": [DECAY_ONLY[0], {**DECAY_ONLY[1], "eps": 1e-2}]}
+
+
+def flat_and_per_tensor(dtype, groups, steps, between=None):
+    """AdamW on the same gradients twice, per tensor and over a flat gradient buffer: [(params, opt)] x 2.
+    between(opt, step) runs after each step (to load state, edit groups, ...)."""
+    start = {k: np.random.default_rng(8).standard_normal(s).astype(dtype) for k, s in SHAPES.items()}
     runs = []
     for flat in (False, True):
         params = {k: v.copy() for k, v in start.items()}
         grads = flat_zeros(params) if flat else {k: np.zeros_like(v) for k, v in params.items()}
-        opt = AdamW(params, grads, lr=1e-2, groups=groups)
+        opt = AdamW(params, grads, lr=1e-2, groups=[dict(g) for g in groups])
         g_rng = np.random.default_rng(9)
-        for _ in range(4):
+        for step in range(steps):
             for g in grads.values():
                 g[...] = g_rng.standard_normal(g.shape)
             opt.step()
-        assert (opt._fused is not None) == flat and len(opt._fused.chunks if flat else []) == (
-            -(-sum(v.size for v in params.values()) // 50) if flat else 0)
+            if between is not None:
+                between(opt, step + 1)
+        assert (opt._fused is not None) == flat
         runs.append((params, opt))
+    return runs
+
+
+def assert_same(runs, dtype):
     (p0, o0), (p1, o1) = runs
     for k in p0:
         np.testing.assert_array_equal(p1[k], p0[k])
         assert p1[k].dtype == dtype
-        for key in ("exp_avg", "exp_avg_sq"):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
             np.testing.assert_array_equal(o1.state[k][key], o0.state[k][key])
-        assert o1.state[k]["step"] == 4
+
+
+@pytest.mark.parametrize("groups", [DECAY_ONLY, *OWN.values()], ids=["decay-only", *OWN])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_flat_adamw_equals_per_tensor_bit_for_bit(dtype, groups, monkeypatch):
+    """The same arithmetic chunk by chunk: a chunk of 50 elements splits tensors across chunks and
+    puts several small tensors in one chunk; two groups with different weight decay (and lr, betas, eps)."""
+    monkeypatch.setattr(optim, "CHUNK", 50)
+    runs = flat_and_per_tensor(dtype, groups, steps=4)
+    assert_same(runs, dtype)
+    fused = runs[1][1]._fused
+    spans = fused.layout.spans
+    if groups is DECAY_ONLY:     # one run: chunks of 50 from the buffer's start
+        assert fused.runs == [(0, len(spans))] and len(fused.chunks) == -(-spans[-1][2] // 50)
+    else:                        # a run wherever the group changes, each cut every 50 elements
+        group_of = [fused.group_of[name] for name, _, _ in spans]
+        assert len(fused.runs) == 1 + sum(a != b for a, b in zip(group_of, group_of[1:])) > 1
+        assert len(fused.chunks) == sum(-(-(spans[end - 1][2] - spans[first][1]) // 50) for first, end in fused.runs)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_flat_adamw_with_uneven_steps_and_partial_state(dtype, monkeypatch):
+    """A state whose parameters took different numbers of steps, or that has some parameters only
+    (loaded so; torch allows both), continues as the per-tensor loop does: the flat path cuts its
+    chunks where the step count changes and starts the missing moments at zero. Live group edits
+    that make two groups equal (or differ) re-cut the chunks."""
+    monkeypatch.setattr(optim, "CHUNK", 50)
+
+    def between(opt, step):
+        if step == 2:            # h.0.attn.c_attn.weight has taken 7 steps, odd none
+            tensors, meta = opt.state_dict()
+            meta["steps"]["h.0.attn.c_attn.weight"] = 7
+            del meta["steps"]["odd"]
+            opt.load_state_dict({k: v for k, v in tensors.items() if not k.endswith(".odd")}, meta)
+        if step == 4:
+            opt.groups[1]["lr"] = opt.groups[0]["lr"]
+        if step == 5:
+            opt.groups[1]["betas"] = (0.5, 0.9)
+    runs = flat_and_per_tensor(dtype, DECAY_ONLY, steps=7, between=between)
+    assert_same(runs, dtype)
+    assert runs[0][1].state["odd"]["step"] == 5 and runs[0][1].state["h.0.attn.c_attn.weight"]["step"] == 12
+    assert len(runs[1][1]._fused.runs) > 1
+
+
+def test_flat_adamw_after_the_state_is_deleted_starts_from_zero():
+    """Deleting the state (torch: opt.state.clear()) restarts AdamW from zero moments and step 0, as a
+    fresh optimizer would, on the flat path too (whose moments live on in its buffers)."""
+    runs = []
+    for clear in (False, True):
+        params = {k: np.random.default_rng(1).standard_normal(s) for k, s in SHAPES.items()}
+        grads = flat_zeros(params)
+        opt = AdamW(params, grads, lr=1e-2, weight_decay=0.1)
+        if clear:
+            grads["odd"][...] = 1.0
+            opt.step()
+            opt.state.clear()
+            params = {k: np.random.default_rng(1).standard_normal(s) for k, s in SHAPES.items()}
+            for k in params:
+                opt.params[k][...] = params[k]
+        for g in grads.values():
+            g[...] = 0.5
+        opt.step()
+        runs.append(({k: v.copy() for k, v in opt.params.items()}, opt))
+    assert_same(runs, np.float64)
+
+
+def test_non_contiguous_parameters_take_the_per_tensor_path():
+    """A parameter that is not one C-contiguous array (here a transposed view) cannot be updated through a
+    flat view: AdamW takes the per-tensor loop, with the same results bit for bit."""
+    out = []
+    for transposed in (False, True):
+        rng = np.random.default_rng(3)
+        params = {k: rng.standard_normal(s) for k, s in SHAPES.items()}
+        if transposed:
+            params["h.0.attn.c_attn.weight"] = np.ascontiguousarray(params["h.0.attn.c_attn.weight"].T).T
+        grads = flat_zeros(params)
+        opt = AdamW(params, grads, lr=1e-2, weight_decay=0.1)
+        for _ in range(3):
+            for g in grads.values():
+                g[...] = rng.standard_normal(g.shape)
+            opt.step()
+        assert (opt._fused is None) == transposed and opt.flat_grads() is not None
+        out.append(params)
+    for k in out[0]:
+        np.testing.assert_array_equal(out[1][k], out[0][k])
 
 
 def test_model_grads_are_views_of_one_buffer_and_zero_grad_is_one_fill():
