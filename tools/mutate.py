@@ -312,7 +312,7 @@ def oracle_outputs(sides_spec=None, variants=None, impl: Impl | None = None) -> 
         return impl_outputs(impl, variants)
     from conformance import trajectory
     from conformance.engine import init_params, make_batch, trajectory_batches
-    from manual import registry
+    import reference
 
     sides = _load_sides(sides_spec)
     out = {}
@@ -332,25 +332,30 @@ def oracle_outputs(sides_spec=None, variants=None, impl: Impl | None = None) -> 
             out.update({f"{key}.{mode}.grad.{n}": np.array(g) for n, g in m.grads.items()})
         out[f"{key}.tokens"] = np.asarray(sides.manual_generate(m, ids[0, :4], 5, temperature=0.0))
         for kind in case.optimizers:
+            # the trajectory's own optimizers (its groups, frozen parameters and resume: trajectory.SETUP);
+            # the torch twin make_optimizers also builds is only needed for the resume's state_dict
             hp, clip = trajectory.OPTIMIZERS[kind]
+            resume_at = trajectory.SETUP.get(kind, {}).get("resume")
             m = sides.manual.from_params(case.cfg, init_params(case), **kw)
-            groups = registry.decay_groups(m.cfg, hp["weight_decay"])
-            cls = sides.manual_optim.AdamW if trajectory.optimizer_family(kind) == "adamw" else sides.manual_optim.SGD
-            opt = cls(m.params, m.grads, groups=groups, **hp)
-            for ids_s, t_s in trajectory_batches(case, ORACLE_STEPS):
-                opt.zero_grad()
+            r = reference.Model.from_params(case.cfg, init_params(case))
+            opt, r_opt = trajectory.make_optimizers(sides.manual_optim, m, r, kind)
+            if isinstance(clip, (int, float)):
+                clip = ("norm", float(clip), 2.0)
+            for step, (ids_s, t_s) in enumerate(trajectory_batches(case, ORACLE_STEPS), 1):
+                m.zero_grad()
                 m.forward(ids_s, t_s)
                 m.backward()
-                if isinstance(clip, (int, float)):
-                    clip = ("norm", float(clip), 2.0)
                 if clip is not None and clip[0] == "value":
                     sides.manual_optim.clip_grad_value_(m.grads, clip[1])
                 elif clip is not None:
-                    out[f"{key}.{kind}.norm"] = np.asarray(
+                    out[f"{key}.{kind}.norm{step}"] = np.asarray(
                         sides.manual_optim.clip_grad_norm_(m.grads, clip[1], norm_type=clip[2],
                                                            error_if_nonfinite=False))
                 opt.step()
+                if step == resume_at:
+                    opt, r_opt = trajectory.resume(sides.manual_optim, m, r, kind, opt, r_opt)
             out.update({f"{key}.{kind}.param.{n}": np.array(p) for n, p in m.params.items()})
+            out.update({f"{key}.{kind}.{n}": np.array(t) for n, t in opt.state_dict()[0].items()})
     return out
 
 
