@@ -45,7 +45,7 @@ from . import external, trajectory
 from .compare import Comparison, compare_exact, missing
 
 CHECKS = ("param_count", "logits", "loss", "activation", "activation_grad", "param_grad",
-          "optimizer", "generation", "memory", "recompute", "training")
+          "accumulate", "optimizer", "generation", "memory", "recompute", "training")
 
 OPT_STEPS = 20
 GEN_TOKENS = 30
@@ -196,6 +196,24 @@ def check_forward_backward(case, m, r, ids, targets, want=CHECKS) -> list[Compar
     return out
 
 
+def check_accumulate(case, m, r) -> list[Comparison]:
+    """Gradient accumulation: zero_grad, then two forward + backward passes on two batches, with no
+    zero_grad between (as micro-batches are run). Every parameter gradient must be the sum of both on
+    each side: a backward that assigns (`=`) where it must add (`+=`) passes every single-backward check
+    when the gradients start at zero, and fails this one."""
+    from .compare import compare
+    m.zero_grad()
+    r.zero_grad()
+    for ids, targets in trajectory_batches(case, 2):
+        m.forward(ids, targets)
+        r.forward(ids, targets)
+        m.backward()
+        r.backward()
+    return [compare(m.grads[s.name], r.grads[s.name], tensor=f"{s.name} grad (accumulated over 2 backward passes)",
+                    check="accumulate", config=case.name(), expect_dtype=np.dtype(case.cfg.dtype))
+            for s in reversed(registry.param_specs(case.cfg))]
+
+
 def trajectory_batches(case: Case, n: int):
     return [make_batch(case.cfg, case.batch, case.T, case.seed + 1 + s, case.pad) for s in range(n)]
 
@@ -281,6 +299,8 @@ def run_case(case: Case, checks=CHECKS, sides: Sides | None = None, workdir=None
             out += check_param_count(case, m, r)
         if set(checks) & set(FB_CHECKS):
             out += check_forward_backward(case, m, r, ids, targets, checks)
+        if "accumulate" in checks:
+            out += check_accumulate(case, m, r)
         if "optimizer" in checks:
             out += check_optimizer(case, path, sides)
         if "generation" in checks:

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RCFILE = ROOT / ".coveragerc"
 
 
-FAST_CHECKS = ("logits", "loss", "activation", "activation_grad", "param_grad", "optimizer", "generation",
+FAST_CHECKS = ("logits", "loss", "activation", "activation_grad", "param_grad", "accumulate", "optimizer", "generation",
                "recompute")
 
 
@@ -98,7 +98,7 @@ def describe(fig: dict) -> str:
 # The memory check's tracemalloc peak counts the tracer's own allocations under coverage (measured:
 # tiny.T_1/32 10% over its prediction), so a coverage run leaves it out unless --check names it.
 UNDER_COVERAGE = ("param_count", "logits", "loss", "activation", "activation_grad", "param_grad",
-                  "optimizer", "generation", "recompute", "training")
+                  "accumulate", "optimizer", "generation", "recompute", "training")
 
 
 def main(argv: list[str], json_path: str | None) -> int:

@@ -3,6 +3,7 @@ the matrix, the zero-tolerance oracle). The full figure (300+ mutants) is in doc
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,22 @@ def test_missed_is_reported_with_file_line_and_diff():
     text = mutate.summary([r, {**r, "verdict": "killed"}, {**r, "verdict": "equivalent"}])
     assert text.startswith("3 mutants: 1 killed, 0 crashed, 1 equivalent, 1 missed; kill rate 50.0%")
     assert "MISSED manual/x.py:3 (operator)" in text and "-a\n+b" in text
+
+
+def test_outside_implementation_through_impl_cmd():
+    """The same tool on an outside program (examples/numpy_port, run through --impl-cmd in a copied tree):
+    a mutant of its layer norm's backward is killed, a rewrite that changes nothing is equivalent."""
+    root, f = ROOT / "examples" / "numpy_port", "port.py"
+    src = (root / f).read_text()
+    ports = mutate.all_mutants(root, [f])
+    killed = _find(ports, f, "dxhat - dxhat.mean(axis=-1, keepdims=True)",
+                   "(dxhat + dxhat.mean(axis=-1, keepdims=True))")
+    line = next(i for i, ln in enumerate(src.splitlines(), 1) if "self.rstd = 1.0 / np.sqrt(var + self.eps)" in ln)
+    col = src.splitlines()[line - 1].index("1.0 / np.sqrt")
+    same = mutate.Mutant(f, line, "identity", (line, col), (line, col + len("1.0")), "1.0", "(0.5 + 0.5)")
+    impl = mutate.Impl(cmd=f"{sys.executable} port.py {{case}} {{out}}", steps=0)
+    out = mutate.run_mutants([killed, same], root, workers=2, progress=lambda s: None,
+                             matrix=mutate.Matrix(variants=["base"], dtypes=("float64",), timeout=600, impl=impl))
+    assert [r["verdict"] for r in out] == ["killed", "equivalent"], out
+    assert "tiny.base/64" in out[0]["by"] and out[0]["cases"] == "all"
+    assert (root / f).read_text() == src                     # the real file never changes

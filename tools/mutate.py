@@ -229,7 +229,7 @@ def all_mutants(root: Path, files) -> list[Mutant]:
 
 # -- the child: one mutant's verdict (runs inside the copied tree) -----------------------------
 
-FAST = ("logits", "loss", "activation", "activation_grad", "param_grad")
+FAST = ("logits", "loss", "activation", "activation_grad", "param_grad", "accumulate")
 STAGES = (FAST, ("optimizer", "generation", "recompute"), ("param_count", "memory", "training"))
 ORACLE_STEPS = 3
 
@@ -330,6 +330,10 @@ def oracle_outputs(sides_spec=None, variants=None, impl: Impl | None = None) -> 
             out[f"{key}.{mode}.logits"] = np.array(m.logits)
             m.backward()
             out.update({f"{key}.{mode}.grad.{n}": np.array(g) for n, g in m.grads.items()})
+            ids2, targets2 = trajectory_batches(case, 2)[1]     # a second backward, no zero_grad: the sum
+            m.forward(ids2, targets2)
+            m.backward()
+            out.update({f"{key}.{mode}.accumulated.{n}": np.array(g) for n, g in m.grads.items()})
         out[f"{key}.tokens"] = np.asarray(sides.manual_generate(m, ids[0, :4], 5, temperature=0.0))
         for kind in case.optimizers:
             # the trajectory's own optimizers (its groups, frozen parameters and resume: trajectory.SETUP);
