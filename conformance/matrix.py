@@ -47,6 +47,8 @@ OWN_SIDES_ONLY = ("ln_overflow",)
 # long_T: T over two default flash blocks, not a multiple of one; B*T*d_ff (tiny: d_ff 256) over one erf chunk
 LONG_T = 2 * FLASH_BLOCK + FLASH_BLOCK // 2 + 3
 assert LONG_T * 256 > ERF_CHUNK, "long_T must hold more than one erf chunk"
+GELU_WIDE_BATCH = 7
+assert GELU_WIDE_BATCH * 20 * 256 > ERF_CHUNK, "gelu_wide must hold more than one erf chunk (tiny: T 20, d_ff 256)"
 
 # label -> (ModelConfig overrides on the preset, Case overrides)
 VARIANTS: dict[str, tuple[dict, dict]] = {
@@ -82,7 +84,8 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     # the FFN's pre-activations spread over every interval of erf (|x| / sqrt 2 in [0, 0.84), [0.84, 1.25),
     # [1.25, 2.86), [2.86, 6), [6, inf): special.py), thousands of entries in each (at scale 1 they all
     # fall in the first): a wrong coefficient or interval bound anywhere in erf changes GELU's output
-    "gelu_wide":   ({}, dict(batch=4, seq_len=12, opt_steps=4, weight_scale={"mlp.c_fc.weight": 40.0})),
+    # B T d_ff = 7 x 20 x 256 > one erf chunk: the tails of the second chunk are found and placed too
+    "gelu_wide":   ({}, dict(batch=GELU_WIDE_BATCH, seq_len=None, opt_steps=4, weight_scale={"mlp.c_fc.weight": 40.0})),
     "pad_scatter": ({}, dict(batch=3, seq_len=10, pad="scatter")),
     "pad_row":     (dict(pad_id=7), dict(batch=3, seq_len=10, pad="row")),
     # only the first position of each row has a target, so prediction heads 2 and 3 have none at all:
