@@ -49,7 +49,8 @@ OPTIMIZERS = {
     # no-decay group with its own lr, betas and eps (SETUP); resumed from a state_dict after step 1
     "adamw_groups": (dict(lr=2e-3, weight_decay=0.05, betas=(0.3, 0.9), eps=1e-6), 0.5),
     # the embeddings frozen (SETUP): an optimizer over the other parameters only
-    "adamw_frozen": (dict(lr=1e-3, weight_decay=0.1, betas=(0.8, 0.99), eps=1e-7), None),
+    # (weight decay 1.0, as grokking recipes use: the per-tensor path with the decay factor at wd exactly 1)
+    "adamw_frozen": (dict(lr=1e-3, weight_decay=1.0, betas=(0.8, 0.99), eps=1e-7), None),
     # Nesterov momentum (needs dampening 0), max-norm clipping by the inf-norm, no weight decay (so no
     # groups either: the optimizer's default of one group over every parameter)
     "sgd_nesterov": (dict(lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.0), ("norm", 0.02, float("inf"))),
