@@ -46,7 +46,8 @@ OPTIMIZERS = {
     # mirror (a manual-only option)
     "adamw_opts": (dict(lr=3e-3, weight_decay=0.3, betas=(0.4, 0.99), eps=1e-3, exact=True), ("value", 0.004)),
     # on the fused (default, exact=False) path: beta1 0.3 (lerp's weight >= 0.5: its other branch); the
-    # no-decay group with its own lr, betas and eps (SETUP); resumed from a state_dict after step 1
+    # no-decay group with its own lr, betas and eps, the token embedding a third group (SETUP); resumed
+    # from a state_dict after step 1
     "adamw_groups": (dict(lr=2e-3, weight_decay=0.05, betas=(0.3, 0.9), eps=1e-6), 0.5),
     # the embeddings frozen (SETUP): an optimizer over the other parameters only
     # (weight decay 1.0, as grokking recipes use: the per-tensor path with the decay factor at wd exactly 1)
@@ -75,7 +76,10 @@ DEFAULT_OPTIMIZERS = ("adamw", "sgd")
 # path; a resume moves the loaded state into the fused path's flat buffers.
 SETUP = {
     "adamw_opts": dict(no_decay=dict(betas=(0.9, 0.999))),
-    "adamw_groups": dict(no_decay=dict(lr=5e-3, betas=(0.85, 0.99), eps=1e-8), resume=1),
+    # the token embedding in a third group of its own lr (as recipes with an embedding learning rate do):
+    # the first two parameters (wte, wpe) then differ, so the fused AdamW's plan must cut a run there
+    "adamw_groups": dict(no_decay=dict(lr=5e-3, betas=(0.85, 0.99), eps=1e-8), resume=1,
+                         own=dict(group=dict(lr=1e-3), names=("transformer.wte.weight",))),
     "adamw_frozen": dict(frozen=("transformer.wte.weight", "transformer.wpe.weight")),
 }
 
@@ -105,6 +109,12 @@ def make_optimizers(manual_optim, m, r, kind: str):
     frozen = set(setup.get("frozen", ()))
     groups = registry.decay_groups(m.cfg, hp["weight_decay"])
     groups[1].update(setup.get("no_decay", {}))
+    if "own" in setup:          # some names moved out of their group into one with its own settings
+        own = setup["own"]
+        source = next(g for g in groups if set(own["names"]) <= set(g["names"]))
+        source_names = source["names"]
+        source["names"] = [n for n in source_names if n not in own["names"]]
+        groups.append({**source, **own["group"], "names": [n for n in source_names if n in own["names"]]})
     groups = [{**g, "names": [n for n in g["names"] if n not in frozen]} for g in groups]
     family = optimizer_family(kind)
     cls = manual_optim.AdamW if family == "adamw" else manual_optim.SGD

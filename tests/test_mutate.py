@@ -90,3 +90,20 @@ def test_outside_implementation_through_impl_cmd():
     assert [r["verdict"] for r in out] == ["killed", "equivalent"], out
     assert "tiny.base/64" in out[0]["by"] and out[0]["cases"] == "all"
     assert (root / f).read_text() == src                     # the real file never changes
+
+
+def test_refuses_to_run_when_the_unmutated_code_fails(tmp_path):
+    """A tree that already fails the matrix would make every mutant "killed": the run stops first and
+    names the failing comparison."""
+    import shutil
+    root, f = tmp_path / "port", "port.py"
+    shutil.copytree(ROOT / "examples" / "numpy_port", root)
+    src = (root / f).read_text()
+    good = "dxhat - dxhat.mean(axis=-1, keepdims=True)"
+    assert good in src
+    (root / f).write_text(src.replace(good, "dxhat + dxhat.mean(axis=-1, keepdims=True)"))
+    some = mutate.all_mutants(root, [f])[:1]
+    impl = mutate.Impl(cmd=f"{sys.executable} port.py {{case}} {{out}}", steps=0)
+    with pytest.raises(mutate.MutateError, match=r"unmutated code fails the matrix: tiny\.base/64"):
+        mutate.run_mutants(some, root, workers=1, progress=lambda s: None,
+                           matrix=mutate.Matrix(variants=["base"], dtypes=("float64",), timeout=600, impl=impl))

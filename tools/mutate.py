@@ -273,6 +273,10 @@ def matrix_verdict(sides_spec=None, variants=None, dtypes=("float64", "float32")
     return {"verdict": "survived"}
 
 
+class MutateError(RuntimeError):
+    """The mutation run cannot start (the unmutated code fails the matrix, or its oracle run broke)."""
+
+
 @dataclass
 class Impl:
     """An outside implementation under mutation: `--impl package.module:factory` (in process) or
@@ -431,6 +435,12 @@ def _child(args) -> int:
     import torch  # noqa: F401  (loaded once, kept across mutants)
     if args.oracle_only:
         impl = _impl_of(args)
+        # the unmutated code must pass the matrix, or every verdict below would be meaningless ("killed"
+        # by a failure that is not the mutant's)
+        v = matrix_verdict(args.sides, args.variant, tuple(args.dtype), None, impl)
+        if v["verdict"] != "survived":
+            print(json.dumps({"verdict": "baseline", "by": v.get("by", "")}))
+            return 3
         # an outside implementation: no line map (a program's lines cannot be traced from here), every case runs
         lines = None if impl else line_map(args.file, args.sides, args.variant, tuple(args.dtype))
         Path(args.oracle_out + ".lines.json").write_text(json.dumps(lines))
@@ -494,7 +504,14 @@ def run_mutants(mutants: list[Mutant], root: Path = ROOT, workers: int = 2, matr
         files = sorted({m.file for m in mutants})
         cmd, env = _child_cmd(base, ["--oracle-only", "--oracle-out", str(oracle), *matrix.argv(),
                                      *[a for f in files for a in ("--file", f)]])
-        subprocess.run(cmd, env=env, check=True, cwd=base, capture_output=True)
+        done = subprocess.run(cmd, env=env, cwd=base, capture_output=True, text=True)
+        if done.returncode != 0:
+            said = done.stdout.strip().splitlines()[-1:] or [""]
+            try:
+                why = "the unmutated code fails the matrix: " + json.loads(said[0])["by"]
+            except (ValueError, KeyError, TypeError):
+                why = f"its run exited with status {done.returncode}: " + done.stderr.strip()[-1500:]
+            raise MutateError(f"no mutant was run: {why} (fix that first: python -m conformance ...)")
         lines = json.loads(Path(str(oracle) + ".lines.json").read_text())
         trees = [_copy_tree(root, tmp / f"w{i}") for i in range(workers)]
         children = [None] * workers         # one long-lived child per worker, restarted after a timeout
@@ -622,7 +639,11 @@ def main(argv=None) -> int:
         mutants = sorted(random.Random(args.seed).sample(mutants, args.sample), key=lambda m: (m.file, m.start))
     print(f"{len(mutants)} mutants, {args.workers} workers", flush=True)
     matrix = Matrix(args.variant, tuple(args.dtype), args.sides, args.timeout, _impl_of(args))
-    results = run_mutants(mutants, root, args.workers, matrix, progress=lambda s: print(s, flush=True))
+    try:
+        results = run_mutants(mutants, root, args.workers, matrix, progress=lambda s: print(s, flush=True))
+    except MutateError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(summary(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
