@@ -124,6 +124,8 @@ def test_erf_special_values_scale_offset_and_bad_dtype(dtype):
     np.testing.assert_allclose(got, ref, rtol=4 * eps, atol=2 * eps)
     with pytest.raises(TypeError, match="float32 or float64 .* got dtype int64"):
         erf(np.arange(3))
+    empty = erf(np.zeros((2, 0, 3), dtype=dtype), offset=1.0)     # an empty tensor: no chunk, no tail
+    assert empty.shape == (2, 0, 3) and empty.dtype == dtype
 
 
 def test_float32_erf_within_one_ulp_and_tails_correctly_rounded():
